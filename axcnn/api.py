@@ -1,0 +1,155 @@
+"""The library entry point: ``compress`` runs the whole pipeline, as the CLI does."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from axcnn import __version__, report, rewrite, score
+from axcnn.config import CompressConfig
+from axcnn.data import Preprocess, load_npz, prepare, stratified_subset
+from axcnn.errors import AxcnnError
+from axcnn.explore import Explorer, Progress, greedy
+from axcnn.model import inventory, io_info, load_model, uses_external_data
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Result:
+    output_path: Path
+    report_path: Path | None
+    report: dict = field(repr=False)
+
+
+def default_output(model_path: str | os.PathLike) -> Path:
+    """``model.onnx`` -> ``model.shared.onnx`` in the current directory (the input's folder may be read-only)."""
+    return Path(Path(model_path).stem + ".shared.onnx")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def model_files(path: Path, model: onnx.ModelProto) -> list[Path]:
+    """The model file and the external data files it references."""
+    files = [path]
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = next((e.value for e in t.external_data if e.key == "location"), None)
+            if loc and (path.parent / loc) not in files:
+                files.append(path.parent / loc)
+    return files
+
+
+def _check_paths(model_path: Path, output: Path, report_path: Path | None) -> None:
+    for target, what in ((output, "output"), (report_path, "report")):
+        if target is None:
+            continue
+        if _same_file(target, model_path) or target.resolve() == model_path.resolve():
+            raise AxcnnError(f"the {what} path {target} is the input model; choose another path")
+        if target.exists() and target.is_dir():
+            raise AxcnnError(f"the {what} path {target} is a directory")
+        if not target.resolve().parent.is_dir():
+            raise AxcnnError(f"the folder of the {what} path {target} does not exist")
+    if report_path is not None and output.resolve() == report_path.resolve():
+        raise AxcnnError("the output model and the report must be different files")
+
+
+def compress(
+    model_path: str | os.PathLike,
+    data_path: str | os.PathLike,
+    output_path: str | os.PathLike | None = None,
+    report_path: str | os.PathLike | None = None,
+    config: CompressConfig | None = None,
+    preprocess: Preprocess | None = None,
+    output_name: str | None = None,
+    progress: Progress | None = None,
+) -> Result:
+    """Weight-share ``model_path`` using the labelled test set ``data_path`` and write the shared model.
+
+    Returns the report (also written as JSON to ``report_path`` when given). Raises AxcnnError for user errors;
+    nothing is written then.
+    """
+    t_start = time.perf_counter()
+    config = config or CompressConfig()
+    preprocess = preprocess or Preprocess()
+    model_path = Path(model_path)
+    output = Path(output_path) if output_path is not None else default_output(model_path)
+    report_file = Path(report_path) if report_path is not None else None
+    _check_paths(model_path, output, report_file)
+
+    model = load_model(model_path)
+    io = io_info(model, output_name)
+    layers, skipped = inventory(model, config.min_weights)
+    if not layers:
+        raise AxcnnError(f"{model_path} has no Conv/ConvTranspose/Gemm/MatMul weight with at least "
+                         f"{config.min_weights} values to share")
+    x_raw, y_raw = load_npz(data_path)
+    data = prepare(x_raw, y_raw, preprocess, io.input_shape, io.input_dtype)
+    if config.limit is not None and config.limit < len(data):
+        data = data.subset(stratified_subset(data.y, config.limit, config.seed))
+    calib_idx = None
+    if config.estimator == "kl":
+        rng = np.random.default_rng(config.seed + 1)
+        calib_idx = np.sort(rng.choice(len(data), size=min(config.calib, len(data)), replace=False))
+
+    providers = score.select_providers(config.device)
+    labels = None if config.metric == "agreement" else data.y
+    explorer = Explorer(model, io, data.x, labels, config, providers, calib_idx, progress)
+    _check_labels(explorer, config)
+    exploration = greedy(explorer, layers)
+    if not exploration.decisions:
+        raise AxcnnError("no layer could be shared: " + "; ".join(f"{n}: {r}" for n, r in exploration.skipped))
+
+    # write the weight-shared model, check its decode, and score the written file itself
+    shared = [
+        rewrite.SharedWeight(d.spec.name, d.clustering.centroids.astype(d.spec.dtype), d.clustering.indices)
+        for d in exploration.decisions
+    ]
+    settings = report.settings_dict(config, preprocess, data_path, len(data), io)
+    metadata = {"axcnn.version": __version__, "axcnn.settings": json.dumps(settings, sort_keys=True)}
+    out_model, stored = rewrite.share_weights(model, shared, metadata)
+    rewrite.verify(out_model, shared)
+    external = uses_external_data(onnx.load(str(model_path), load_external_data=False)) or \
+        out_model.ByteSize() > (2 << 30) - (1 << 20)
+    t_final = time.perf_counter()
+    file_bytes_after = rewrite.write_model(out_model, output, external_data=external)
+    written = load_model(output)
+    final_correct = sum(
+        score.count_correct(out, explorer.labels[s], config.metric)
+        for out, s in zip(score.run_model(written, explorer.runner, io, data.x, config.batch_size),
+                          score.batch_slices(len(data), io.fixed_batch or config.batch_size), strict=True)
+    )
+    final_s = time.perf_counter() - t_final
+    file_bytes_before = sum(f.stat().st_size for f in model_files(model_path, model))
+
+    rep = report.build(
+        model_path=model_path, output_path=output, settings=settings, exploration=exploration,
+        skipped=skipped, stored=stored, final_correct=final_correct, out_model=out_model, original=model,
+        file_bytes_before=file_bytes_before, file_bytes_after=file_bytes_after,
+        final_check_s=final_s, total_s=time.perf_counter() - t_start, providers=providers,
+    )
+    if report_file is not None:
+        report.write_json(rep, report_file)
+    return Result(output, report_file, rep)
+
+
+def _check_labels(explorer: Explorer, config: CompressConfig) -> None:
+    classes = explorer.reference_outputs.reshape(len(explorer.reference_outputs), -1).shape[1]
+    labels = explorer.labels
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        raise AxcnnError(f"labels must lie in [0, {classes - 1}] for a model with {classes} outputs; "
+                         f"the data has labels from {labels.min()} to {labels.max()}")
+    if config.metric == "top5" and classes < 5:
+        raise AxcnnError(f"--metric top5 needs at least 5 classes; the model has {classes}")

@@ -1,0 +1,197 @@
+"""Command-line interface. The only module that imports click; it parses, shows progress and maps errors to exit codes.
+
+Exit codes: 0 success, 1 a user error (AxcnnError or an invalid option value), 2 a usage error (click),
+3 an internal error (a bug: the traceback shows with -vv), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from axcnn import __version__
+from axcnn.errors import AxcnnError
+
+log = logging.getLogger("axcnn")
+
+COMPRESS_EXAMPLES = """
+\b
+Examples:
+  axcnn compress model.onnx --data test.npz --kmin 40 --kmax 80 --filter 0.15
+  axcnn compress resnet20.onnx --data cifar10.npz --scale 255 \\
+      --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --limit 1000 -o resnet20.shared.onnx
+  axcnn compress model.onnx --data test.npz --filter 1          # Algorithm 1: score every K
+  axcnn compress model.onnx --data test.npz --estimator kl      # rank candidates by output KL
+"""
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING
+    if quiet:
+        level = logging.ERROR
+    elif verbose == 1:
+        level = logging.INFO
+    elif verbose >= 2:
+        level = logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("axcnn: %(message)s"))
+    root = logging.getLogger("axcnn")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+class _Progress:
+    """tqdm bars over layers and over each layer's scored candidates."""
+
+    def __init__(self, enabled: bool, layers: int | None = None):
+        self.enabled = enabled
+        self.layers = None
+        self.cands = None
+
+    def __call__(self, event: str, **info) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if event == "layer":
+            if self.layers is None:
+                self.layers = tqdm(total=info["total"], desc="layers", unit="layer", position=0, leave=True)
+            if self.cands is not None:
+                self.cands.close()
+                self.layers.update(1)
+            self.cands = tqdm(total=info["candidates"], desc=f"  {info['name'][-30:]}", unit="cand",
+                              position=1, leave=False)
+        elif event == "candidate" and self.cands is not None:
+            self.cands.update(1)
+
+    def close(self) -> None:
+        if self.cands is not None:
+            self.cands.close()
+            self.layers.update(1)
+        if self.layers is not None:
+            self.layers.close()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="axcnn")
+def main() -> None:
+    """axcnn: post-training weight sharing for ONNX models (no retraining).
+
+    Each weight of a Conv/Gemm/MatMul layer is replaced by its k-means centroid; the file stores K centroids and
+    a ceil(log2 K)-bit index per weight, and stock onnxruntime runs it.
+    """
+
+
+def _floats(ctx, param, value):
+    if value is None:
+        return None
+    from axcnn.data import parse_floats
+
+    try:
+        return parse_floats(value)
+    except AxcnnError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+@main.command(epilog=COMPRESS_EXAMPLES)
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", "data", required=True, type=click.Path(dir_okay=False),
+              help="Labelled test set: .npz with arrays x and y.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Weight-shared model to write "
+              "[default: MODEL-STEM.shared.onnx in the current folder].")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False),
+              help="Write the JSON report here [default: OUTPUT with .report.json].")
+@click.option("--kmin", type=int, help="Smallest K explored per layer [default 40].")
+@click.option("--kmax", type=int, help="Largest K explored per layer [default 80].")
+@click.option("--filter", "filter_", type=float, help="Fraction of candidates fully scored, (0, 1] [default 0.15].")
+@click.option("--estimator", type=click.Choice(["inertia", "kl"]), help="What ranks candidates [default inertia].")
+@click.option("--calib", type=int, help="Calibration samples for --estimator kl [default 256].")
+@click.option("--scale", type=float, help="Divide images by this (turns on NHWC image preprocessing).")
+@click.option("--mean", callback=_floats, help="Per-channel mean, comma separated: m1,m2,..")
+@click.option("--std", callback=_floats, help="Per-channel std, comma separated: s1,s2,..")
+@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), help="The model's input layout [default: inferred].")
+@click.option("--limit", type=int, help="Score on a seeded, label-stratified subset of N samples.")
+@click.option("--batch-size", type=int, help="Samples per onnxruntime call [default 256].")
+@click.option("--metric", type=click.Choice(["top1", "top5", "agreement"]), help="Score [default top1].")
+@click.option("--kmeans", type=click.Choice(["exact", "faiss", "sklearn"]), help="Clustering backend [default exact].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to run [default auto].")
+@click.option("--seed", type=int, help="Seed for subsets and Lloyd backends [default 0].")
+@click.option("--min-weights", type=int, help="Leave tensors with fewer weights dense [default 64].")
+@click.option("--cache-mb", type=int, help="Memory budget for cached activations [default 1024].")
+@click.option("--output-name", help="Model output to score [default: the first].")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary; errors only.")
+def compress(model, data, output, report_path, kmin, kmax, filter_, estimator, calib, scale, mean, std, layout,
+             limit, batch_size, metric, kmeans, device, seed, min_weights, cache_mb, output_name, verbose, quiet):
+    """Weight-share MODEL, scoring candidates on the labelled test set --data."""
+    _setup_logging(verbose, quiet)
+    from pathlib import Path
+
+    user = {
+        "kmin": kmin, "kmax": kmax, "filter": filter_, "estimator": estimator, "calib": calib, "limit": limit,
+        "batch_size": batch_size, "metric": metric, "kmeans": kmeans, "device": device, "seed": seed,
+        "min_weights": min_weights, "cache_mb": cache_mb,
+    }
+    pre = {"scale": scale, "mean": mean, "std": std, "layout": layout}
+    progress = _Progress(enabled=not quiet)
+    try:
+        from axcnn.api import compress as run
+        from axcnn.api import default_output
+        from axcnn.config import CompressConfig
+        from axcnn.data import Preprocess
+
+        config = CompressConfig(**{k: v for k, v in user.items() if v is not None})
+        preprocess = Preprocess(**{k: v for k, v in pre.items() if v is not None})
+        out = Path(output) if output else default_output(model)
+        rep_path = Path(report_path) if report_path else out.with_name(out.name.removesuffix(".onnx") + ".report.json")
+        result = run(model, data, out, rep_path, config, preprocess, output_name, progress)
+    except (AxcnnError, ValueError) as exc:
+        progress.close()
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        progress.close()
+        click.echo("interrupted; nothing was written", err=True)
+        sys.exit(130)
+    except Exception as exc:  # a bug, not a user error: one line, the traceback only with -vv
+        progress.close()
+        log.debug("internal error", exc_info=True)
+        click.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with -vv for the traceback)", err=True)
+        sys.exit(3)
+    progress.close()
+    if not quiet:
+        from axcnn.report import render_table
+
+        click.echo(render_table(result.report))
+        click.echo(f"wrote {result.output_path} and {result.report_path}")
+
+
+@main.command("report")
+@click.argument("report_json", type=click.Path(exists=True, dir_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json"]), default="table",
+              show_default=True)
+def report_cmd(report_json, fmt):
+    """Render a JSON report written by compress."""
+    import json
+
+    from axcnn import report
+
+    try:
+        rep = report.load_json(report_json)
+        if fmt == "json":
+            click.echo(json.dumps(rep, indent=2))
+        else:
+            click.echo(report.render_markdown(rep) if fmt == "markdown" else report.render_table(rep))
+    except (OSError, ValueError, KeyError) as exc:
+        _fail(f"{report_json} is not an axcnn report ({type(exc).__name__}: {exc})")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,205 @@
+"""Design-space exploration: the paper's greedy layer-by-layer search (Algorithms 1 and 2).
+
+For each layer in topological order: cluster for every K in [kmin, kmax], rank the candidates with the estimator,
+fully score the best ``filter`` fraction, keep the one with the lowest accuracy loss (ties towards smaller K), fix
+that layer in the network and move on.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from axcnn import estimate, score
+from axcnn.cluster import Clustering, cluster_range, compression_ratio
+from axcnn.config import CompressConfig
+from axcnn.model import IOInfo, LayerSpec
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One K of one layer."""
+
+    k: int
+    inertia: float
+    estimate: float
+    compression_ratio: float
+    scored: bool = False
+    correct: int | None = None  # correct predictions; None if not scored or stopped early
+    score: float | None = None  # correct / samples
+    stopped_early: bool = False
+    samples_seen: int = 0
+
+
+@dataclass(frozen=True)
+class LayerDecision:
+    """What the exploration chose for one layer."""
+
+    spec: LayerSpec
+    n_unique: int
+    clamped: bool
+    candidates: tuple[Candidate, ...]
+    chosen: Candidate
+    clustering: Clustering = field(repr=False)
+    plan: str  # "full" | "suffix"
+    clustering_s: float
+    scoring_s: float
+    estimate_s: float
+
+    def dense(self) -> np.ndarray:
+        """The clustered weight, in the weight's own dtype, as written to the model."""
+        c = self.clustering
+        return c.centroids.astype(self.spec.dtype)[c.indices]
+
+
+@dataclass(frozen=True)
+class Exploration:
+    decisions: tuple[LayerDecision, ...]
+    skipped: tuple[tuple[str, str], ...]  # (weight name, reason) for layers explored but left dense
+    reference_correct: int
+    samples: int
+    t_pass_s: float  # one full pass of the uncompressed network over the scoring set
+    estimator: str
+
+
+class Explorer:
+    """Holds what is reused across layers and candidates: the runner, data, labels, reference outputs."""
+
+    def __init__(self, model: onnx.ModelProto, io: IOInfo, x: np.ndarray, labels: np.ndarray | None,
+                 config: CompressConfig, providers: list[str], calib_idx: np.ndarray | None = None,
+                 progress: Progress | None = None):
+        self.config = config
+        self.io = io
+        self.x = x
+        self.runner = score.Runner(providers)
+        self.current = score.working_copy(model)
+        self.types = score.value_types(self.current) if config.fast_scoring else {}
+        self.progress = progress or (lambda *a, **k: None)
+        t0 = time.perf_counter()
+        ref = np.concatenate(list(score.run_model(self.current, self.runner, io, x, config.batch_size)), axis=0)
+        self.t_pass_s = time.perf_counter() - t0
+        self.reference_outputs = ref
+        if config.metric == "agreement" or labels is None:
+            labels = np.argmax(ref.reshape(len(ref), -1), axis=1).astype(np.int64)
+        self.labels = labels
+        self.reference_correct = score.count_correct(ref, labels, config.metric)
+        self.calib_idx = calib_idx
+        if config.estimator == "kl":
+            kind = estimate.output_kind(ref)
+            self.output_kind = kind
+            self.calib_ref_logp = estimate.log_probs(ref[calib_idx], kind)
+
+    # -- plans -----------------------------------------------------------------------------------------------
+    def _plan(self, weight: str, x: np.ndarray) -> score.Plan:
+        cfg = self.config
+        if cfg.fast_scoring:
+            plan = score.suffix_plan(self.current, weight, x, self.io, cfg.batch_size, self.runner,
+                                     cfg.cache_mb << 20, self.types)
+            if plan is not None:
+                return plan
+        return score.full_plan(self.current, weight, x, self.io, cfg.batch_size)
+
+    # -- one layer -------------------------------------------------------------------------------------------
+    def explore_layer(self, spec: LayerSpec, index: int, total: int) -> LayerDecision | str:
+        cfg = self.config
+        t0 = time.perf_counter()
+        table = cluster_range(spec.array, cfg.kmin, cfg.kmax, backend=cfg.kmeans, seed=cfg.seed, device=cfg.device)
+        ks = [k for k in table.ks if compression_ratio(spec.weights, k, spec.bits) > 1.0]
+        clustering_s = time.perf_counter() - t0
+        if not ks:
+            return f"no K in [{cfg.kmin}, {cfg.kmax}] makes its {spec.weights} weights smaller"
+        if table.clamped:
+            log.info("%s has %d unique values: K clamped to %d", spec.name, table.n_unique, table.n_unique)
+
+        t1 = time.perf_counter()
+        if cfg.estimator == "kl" and len(ks) > 1:
+            estimates = self._kl_estimates(spec, table, ks)
+        else:
+            estimates = {k: table.inertia(k) for k in ks}
+        estimate_s = time.perf_counter() - t1
+        order = estimate.rank(estimates)
+        chosen_ks = order[: cfg.candidates_to_score(len(order))]
+        self.progress("layer", index=index, total=total, name=spec.name, candidates=len(chosen_ks))
+
+        t2 = time.perf_counter()
+        plan = self._plan(spec.name, self.x)
+        results: dict[int, Candidate] = {}
+        best: Candidate | None = None
+        for k in chosen_ks:
+            need = None
+            if cfg.early_stop and best is not None:
+                need = best.correct + (1 if k > best.k else 0)
+            dense = self._dense(spec, table.get(k))
+            out = score.evaluate(plan, self.runner, self.io.output_name, dense, self.labels, cfg.metric, need)
+            cand = Candidate(
+                k=k, inertia=table.inertia(k), estimate=estimates[k],
+                compression_ratio=compression_ratio(spec.weights, k, spec.bits), scored=True,
+                correct=None if out.stopped_early else out.correct,
+                score=None if out.stopped_early else out.correct / out.total,
+                stopped_early=out.stopped_early, samples_seen=out.seen,
+            )
+            results[k] = cand
+            if not out.stopped_early and (
+                best is None or out.correct > best.correct or (out.correct == best.correct and k < best.k)
+            ):
+                best = cand
+            self.progress("candidate", k=k, stopped_early=out.stopped_early)
+        scoring_s = time.perf_counter() - t2
+        assert best is not None  # the first scored candidate is never stopped early
+        candidates = tuple(
+            results.get(k) or Candidate(k=k, inertia=table.inertia(k), estimate=estimates[k],
+                                        compression_ratio=compression_ratio(spec.weights, k, spec.bits))
+            for k in sorted(ks)
+        )
+        decision = LayerDecision(spec, table.n_unique, table.clamped, candidates, best, table.get(best.k),
+                                 plan.kind, clustering_s, scoring_s, estimate_s)
+        self._fix(spec.name, decision.dense())
+        log.info("%s: K=%d, %d/%d correct (%s scoring, %d candidates scored)", spec.name, best.k, best.correct,
+                 len(self.labels), plan.kind, len(chosen_ks))
+        return decision
+
+    def _kl_estimates(self, spec: LayerSpec, table, ks: list[int]) -> dict[int, float]:
+        plan = self._plan(spec.name, self.x[self.calib_idx])
+        out = {}
+        for k in ks:
+            cand = score.outputs_of(plan, self.runner, self.io.output_name, self._dense(spec, table.get(k)))
+            out[k] = estimate.mean_kl(self.calib_ref_logp, estimate.log_probs(cand, self.output_kind))
+        return out
+
+    @staticmethod
+    def _dense(spec: LayerSpec, clustering: Clustering) -> np.ndarray:
+        return clustering.centroids.astype(spec.dtype)[clustering.indices]
+
+    def _fix(self, name: str, array: np.ndarray) -> None:
+        """Write the chosen clustered weight into the current network."""
+        plan = score.full_plan(self.current, name, self.x[:0], self.io, 1)
+        plan.weight.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
+
+    def current_model(self) -> onnx.ModelProto:
+        return copy.deepcopy(self.current)
+
+
+def greedy(explorer: Explorer, layers: list[LayerSpec]) -> Exploration:
+    """Run the greedy exploration over ``layers`` (topological order)."""
+    decisions: list[LayerDecision] = []
+    skipped: list[tuple[str, str]] = []
+    for i, spec in enumerate(layers):
+        result = explorer.explore_layer(spec, i, len(layers))
+        if isinstance(result, str):
+            log.info("leaving %s dense: %s", spec.name, result)
+            skipped.append((spec.name, result))
+            explorer.progress("layer", index=i, total=len(layers), name=spec.name, candidates=0)
+        else:
+            decisions.append(result)
+    return Exploration(tuple(decisions), tuple(skipped), explorer.reference_correct, len(explorer.labels),
+                       explorer.t_pass_s, explorer.config.estimator)

@@ -1,0 +1,206 @@
+"""The report: data first. ``build`` makes a JSON-ready dict; renderers read only that dict.
+
+Every figure comes from a measurement or from Eq. 1 on the tensors actually written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnx
+
+from axcnn import __version__
+from axcnn.cluster import eq1_bits, index_bits
+from axcnn.model import Skipped, constant_tensors
+
+SCHEMA_VERSION = 1
+
+
+def settings_dict(config, preprocess, data_path, samples: int, io) -> dict:
+    s = config.as_dict()
+    s.update(
+        data=str(data_path), samples=samples, input=io.input_name, output=io.output_name,
+        scale=preprocess.scale, mean=list(preprocess.mean) if preprocess.mean else None,
+        std=list(preprocess.std) if preprocess.std else None, layout=preprocess.layout,
+    )
+    return s
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return int(next((e.value for e in t.external_data if e.key == "length"), 0))
+    return t.ByteSize()
+
+
+def build(*, model_path, output_path, settings, exploration, skipped: Sequence[Skipped], stored, final_correct,
+          out_model, original, file_bytes_before, file_bytes_after, final_check_s, total_s, providers) -> dict:
+    n = exploration.samples
+    stored_by_name = {s.name: s for s in stored}
+    layers = []
+    bits_before = bits_after = 0
+    for d in exploration.decisions:
+        spec, ch = d.spec, d.chosen
+        st = stored_by_name[spec.name]
+        bits_before += spec.weights * spec.bits
+        bits_after += eq1_bits(spec.weights, d.clustering.k, spec.bits)
+        layers.append({
+            "name": spec.name, "op_type": spec.op_type, "node": spec.node, "shape": list(spec.shape),
+            "dtype": spec.dtype, "bits": spec.bits, "weights": spec.weights, "unique_values": d.n_unique,
+            "k": d.clustering.k, "k_clamped": d.clamped, "index_bits": index_bits(d.clustering.k),
+            "inertia": d.clustering.inertia, "score": ch.score, "accuracy_loss_pp": _pp(exploration, ch.correct),
+            "compression_ratio": ch.compression_ratio, "stored_bytes": st.stored_bytes,
+            "index_bytes": st.index_bytes, "centroid_bytes": st.centroid_bytes, "encoding": st.encoding,
+            "scoring_plan": d.plan,
+            "timing": {"clustering_s": d.clustering_s, "estimate_s": d.estimate_s, "scoring_s": d.scoring_s},
+            "candidates": [
+                {"k": c.k, "inertia": c.inertia, "estimate": c.estimate, "scored": c.scored, "score": c.score,
+                 "stopped_early": c.stopped_early, "samples_seen": c.samples_seen,
+                 "compression_ratio": c.compression_ratio}
+                for c in d.candidates
+            ],
+        })
+    reference = exploration.reference_correct / n
+    final = final_correct / n
+    scoring_s = sum(d.scoring_s for d in exploration.decisions)
+    estimate_s = sum(d.estimate_s for d in exploration.decisions)
+    clustered_payload = sum(s.stored_bytes for s in stored)
+    original_names = set(constant_tensors(original))
+    shared_names = {s.name for s in stored}
+    unclustered = sum(
+        _tensor_bytes(t) for name, (t, _) in constant_tensors(out_model).items()
+        if name in original_names and name not in shared_names
+    )
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": {"name": "axcnn", "version": __version__, "providers": list(providers)},
+        "model": str(model_path),
+        "output": str(output_path),
+        "settings": settings,
+        "metric": settings["metric"],
+        "samples": n,
+        "reference_score": reference,
+        "final_score": final,
+        "accuracy_loss_pp": round((reference - final) * 100, 6),
+        "compression_ratio": bits_before / bits_after,
+        "weights_clustered": sum(d.spec.weights for d in exploration.decisions),
+        "eq1_bits_before": bits_before,
+        "eq1_bits_after": bits_after,
+        "file_bytes_before": file_bytes_before,
+        "file_bytes_after": file_bytes_after,
+        "file_ratio": file_bytes_before / file_bytes_after,
+        "file_breakdown": {
+            "how": "clustered_payload = raw bytes of the index and centroid tensors of shared layers; "
+                   "unclustered_tensors = serialized bytes of the original constant tensors kept dense (biases, "
+                   "small or skipped weights); graph_and_decode_overhead = the rest of the written file(s): "
+                   "nodes, names, decode helper constants, metadata and protobuf framing",
+            "clustered_payload": clustered_payload,
+            "unclustered_tensors": unclustered,
+            "graph_and_decode_overhead": file_bytes_after - clustered_payload - unclustered,
+        },
+        "timing": {
+            "clustering_s": sum(d.clustering_s for d in exploration.decisions),
+            "estimate_s": estimate_s,
+            "scoring_s": scoring_s,
+            "candidates_scored": sum(c.scored for d in exploration.decisions for c in d.candidates),
+            "candidates_stopped_early": sum(c.stopped_early for d in exploration.decisions for c in d.candidates),
+            "t_pass_s": exploration.t_pass_s,
+            "cost_t_pass": (scoring_s + estimate_s) / exploration.t_pass_s if exploration.t_pass_s else None,
+            "final_check_s": final_check_s,
+            "total_s": total_s,
+        },
+        "estimator": exploration.estimator,
+        "layers": layers,
+        "skipped": [{"name": s.name, "op_type": s.op_type, "reason": s.reason} for s in skipped]
+        + [{"name": name, "op_type": None, "reason": reason} for name, reason in exploration.skipped],
+    }
+
+
+def _pp(exploration, correct: int | None) -> float | None:
+    if correct is None:
+        return None
+    return round((exploration.reference_correct - correct) / exploration.samples * 100, 6)
+
+
+def write_json(report: dict, path: str | os.PathLike) -> None:
+    """Write atomically: a temporary file in the same folder, then a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.resolve().parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_json(path: str | os.PathLike) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# renderers: they read the JSON dict only
+
+
+def _fmt_shape(shape) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+            for r in rows]
+    return out
+
+
+def render_table(rep: dict, max_rows: int = 40) -> str:
+    """A short terminal summary: one row per layer, then the totals."""
+    headers = ["layer", "op", "shape", "weights", "K", "bits", "CR", "score"]
+    rows = []
+    for layer in rep["layers"]:
+        name = layer["name"] if len(layer["name"]) <= 36 else "…" + layer["name"][-35:]
+        score = "-" if layer["score"] is None else f"{layer['score'] * 100:.2f}%"
+        rows.append([name, layer["op_type"], _fmt_shape(layer["shape"]), str(layer["weights"]),
+                     str(layer["k"]), str(layer["index_bits"]), f"{layer['compression_ratio']:.2f}", score])
+    lines = _table(headers, rows[:max_rows])
+    if len(rows) > max_rows:
+        lines.append(f"… {len(rows) - max_rows} more layers in the JSON report")
+    t = rep["timing"]
+    lines += [
+        "",
+        f"{rep['metric']}: reference {rep['reference_score'] * 100:.2f}%  final {rep['final_score'] * 100:.2f}%  "
+        f"loss {rep['accuracy_loss_pp']:.2f} pp  ({rep['samples']} samples)",
+        f"compression ratio (Eq. 1): {rep['compression_ratio']:.2f}x over {rep['weights_clustered']} weights in "
+        f"{len(rep['layers'])} layers",
+        f"file: {rep['file_bytes_before']:,} -> {rep['file_bytes_after']:,} bytes ({rep['file_ratio']:.2f}x)",
+        f"time: clustering {t['clustering_s']:.1f}s  scoring {t['scoring_s']:.1f}s "
+        f"({t['candidates_scored']} candidates, {t['cost_t_pass']:.1f} T_pass)  total {t['total_s']:.1f}s",
+    ]
+    return "\n".join(lines)
+
+
+def render_markdown(rep: dict) -> str:
+    """The same summary as a Markdown table."""
+    lines = [f"# axcnn report: {Path(rep['model']).name}", "",
+             "| layer | op | shape | weights | K | bits | CR | stored bytes | score |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for layer in rep["layers"]:
+        score = "-" if layer["score"] is None else f"{layer['score'] * 100:.2f}%"
+        lines.append(f"| `{layer['name']}` | {layer['op_type']} | {_fmt_shape(layer['shape'])} | {layer['weights']} "
+                     f"| {layer['k']} | {layer['index_bits']} | {layer['compression_ratio']:.2f} "
+                     f"| {layer['stored_bytes']} | {score} |")
+    lines += ["", f"- {rep['metric']}: reference {rep['reference_score'] * 100:.2f}%, final "
+              f"{rep['final_score'] * 100:.2f}%, loss {rep['accuracy_loss_pp']:.2f} pp on {rep['samples']} samples",
+              f"- compression ratio (Eq. 1): {rep['compression_ratio']:.2f}x",
+              f"- file: {rep['file_bytes_before']:,} → {rep['file_bytes_after']:,} bytes "
+              f"({rep['file_ratio']:.2f}x)"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,303 @@
+"""Scoring: run candidate networks with onnxruntime and count correct predictions.
+
+What does not change between candidates is built once: preprocessed inputs, reference outputs, and, per layer, a
+*plan*. A plan is the model to run plus its per-batch feeds. The full plan runs the whole network on the data. The
+suffix plan runs only the nodes that depend on the explored weight, fed with activations cached at their inputs
+(computed once per layer by the prefix of the current network), within a memory budget.
+
+Early stopping is exact: a candidate stops once even a perfect remainder could not beat the incumbent under the
+greedy rule (more correct predictions wins; a tie goes to the smaller K).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from axcnn.errors import AxcnnError, MissingBackendError
+from axcnn.model import IOInfo, constant_tensors
+
+log = logging.getLogger(__name__)
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as exc:  # pragma: no cover - onnxruntime is a core dependency
+        raise MissingBackendError("onnxruntime", "gpu") from exc
+    return onnxruntime
+
+
+def select_providers(device: str) -> list[str]:
+    """Execution providers for ``device``: CUDA when asked for (or auto) and present, else the CPU."""
+    available = _ort().get_available_providers()
+    if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        log.warning("CUDA execution provider not available; falling back to the CPU")
+    return ["CPUExecutionProvider"]
+
+
+def working_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy fit for scoring: initializers are not graph inputs (so onnxruntime treats them as constants)."""
+    work = copy.deepcopy(model)
+    init_names = {i.name for i in work.graph.initializer}
+    keep = [i for i in work.graph.input if i.name not in init_names]
+    if len(keep) != len(work.graph.input):
+        del work.graph.input[:]
+        work.graph.input.extend(keep)
+        work.ir_version = max(work.ir_version, 4)
+    return work
+
+
+class Runner:
+    """Creates onnxruntime sessions from models and runs them batch by batch."""
+
+    def __init__(self, providers: Sequence[str]):
+        self.providers = list(providers)
+        ort = _ort()
+        self._options = ort.SessionOptions()
+        self._options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self._options.log_severity_level = 3
+
+    def session(self, model: onnx.ModelProto | bytes):
+        data = model if isinstance(model, bytes) else model.SerializeToString()
+        try:
+            return _ort().InferenceSession(data, self._options, providers=self.providers)
+        except Exception as exc:
+            raise AxcnnError(f"onnxruntime cannot load the model: {_first_line(exc)}") from exc
+
+    @staticmethod
+    def run(sess, output: str, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        try:
+            return sess.run([output], feeds)[0]
+        except Exception as exc:
+            raise AxcnnError(f"onnxruntime failed to run the model: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def batch_slices(n: int, batch: int) -> list[slice]:
+    return [slice(i, min(i + batch, n)) for i in range(0, n, batch)]
+
+
+def count_correct(outputs: np.ndarray, labels: np.ndarray, metric: str) -> int:
+    """Correct predictions in one batch: top-1 (also used for agreement labels) or top-5."""
+    logits = outputs.reshape(outputs.shape[0], -1)
+    if metric == "top5":
+        k = min(5, logits.shape[1])
+        top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+        return int(np.sum(np.any(top == labels[:, None], axis=1)))
+    return int(np.sum(np.argmax(logits, axis=1) == labels))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# plans
+
+
+@dataclass
+class Plan:
+    """A model to run for candidates of one layer, with its per-batch feeds."""
+
+    model: onnx.ModelProto
+    weight: onnx.TensorProto  # the tensor inside ``model`` whose data candidates replace
+    feeds: list[dict[str, np.ndarray]]
+    sizes: list[int]
+    kind: str  # "full" | "suffix"
+
+    def serialize_with(self, array: np.ndarray) -> bytes:
+        saved = onnx.TensorProto()
+        saved.CopyFrom(self.weight)
+        self.weight.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), saved.name))
+        try:
+            return self.model.SerializeToString()
+        finally:
+            self.weight.CopyFrom(saved)
+
+
+def _weight_proto(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
+    tensors = constant_tensors(model)
+    if name not in tensors:
+        raise KeyError(f"no constant tensor named {name!r} in the model")
+    return tensors[name][0]
+
+
+def full_plan(model: onnx.ModelProto, weight: str, x: np.ndarray, io: IOInfo, batch: int) -> Plan:
+    slices = batch_slices(len(x), io.fixed_batch or batch)
+    feeds = [{io.input_name: x[s]} for s in slices]
+    return Plan(model, _weight_proto(model, weight), feeds, [s.stop - s.start for s in slices], "full")
+
+
+def _dependents(model: onnx.ModelProto, weight: str) -> set[int]:
+    """Indices of nodes that depend, directly or not, on ``weight``."""
+    tainted = {weight}
+    out: set[int] = set()
+    for i, node in enumerate(model.graph.node):
+        if any(name in tainted for name in node.input):
+            out.add(i)
+            tainted.update(node.output)
+    return out
+
+
+def _needed_nodes(model: onnx.ModelProto, outputs: Sequence[str], stop: set[str]) -> list[int]:
+    """Indices (graph order) of nodes needed to compute ``outputs``, walking back and stopping at ``stop``."""
+    producer = {o: i for i, node in enumerate(model.graph.node) for o in node.output}
+    need: set[int] = set()
+    todo = [o for o in outputs if o not in stop]
+    while todo:
+        name = todo.pop()
+        i = producer.get(name)
+        if i is None or i in need:
+            continue
+        need.add(i)
+        todo.extend(n for n in model.graph.node[i].input if n and n not in stop)
+    return sorted(need)
+
+
+def _submodel(model: onnx.ModelProto, nodes: list[int], inputs: list[onnx.ValueInfoProto],
+              outputs: list[onnx.ValueInfoProto]) -> onnx.ModelProto:
+    used = {n for i in nodes for n in model.graph.node[i].input}
+    graph = onnx.helper.make_graph(
+        [model.graph.node[i] for i in nodes],
+        model.graph.name or "axcnn",
+        inputs,
+        outputs,
+        initializer=[t for t in model.graph.initializer if t.name in used],
+    )
+    sub = onnx.helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    sub.functions.extend(model.functions)
+    return sub
+
+
+def suffix_plan(model: onnx.ModelProto, weight: str, x: np.ndarray, io: IOInfo, batch: int, runner: Runner,
+                budget_bytes: int, value_types: dict[str, int]) -> Plan | None:
+    """Plan that runs only the part of ``model`` after ``weight`` on cached activations, or None.
+
+    None when the cut saves nothing (the first layer), when a boundary tensor's type is unknown, or when the
+    cached activations would exceed ``budget_bytes``.
+    """
+    graph = model.graph
+    dependents = _dependents(model, weight)
+    if not dependents:
+        return None
+    consts = set(constant_tensors(model))
+    produced_by_dependents = {o for i in dependents for o in graph.node[i].output}
+    # boundary: activations consumed by dependent nodes that come from the data-dependent rest of the graph
+    data_tainted = {io.input_name}
+    for node in graph.node:
+        if any(n in data_tainted for n in node.input):
+            data_tainted.update(node.output)
+    boundary: list[str] = []
+    for i in sorted(dependents):
+        for name in graph.node[i].input:
+            if (name and name not in produced_by_dependents and name not in consts and name in data_tainted
+                    and name not in boundary):
+                boundary.append(name)
+    if boundary == [io.input_name] or not boundary:
+        return None
+    if any(b not in value_types for b in boundary):
+        return None
+    stop = set(boundary)
+    suffix_nodes = _needed_nodes(model, [io.output_name], stop)
+    prefix_nodes = _needed_nodes(model, boundary, {io.input_name})
+    if len(suffix_nodes) >= len(graph.node):
+        return None
+    out_vi = [o for o in graph.output if o.name == io.output_name]
+    in_vi = [i for i in graph.input if i.name == io.input_name]
+    prefix = _submodel(
+        model, prefix_nodes, in_vi,
+        [onnx.helper.make_tensor_value_info(b, value_types[b], None) for b in boundary],
+    )
+    suffix = _submodel(
+        model, suffix_nodes,
+        [onnx.helper.make_tensor_value_info(b, value_types[b], None) for b in boundary],
+        out_vi,
+    )
+    slices = batch_slices(len(x), io.fixed_batch or batch)
+    sess = runner.session(prefix)
+    feeds: list[dict[str, np.ndarray]] = []
+    total = 0
+    for s in slices:
+        try:
+            values = sess.run(boundary, {io.input_name: x[s]})
+        except Exception as exc:
+            log.debug("prefix run failed (%s); full-network scoring", _first_line(exc))
+            return None
+        feeds.append(dict(zip(boundary, values, strict=True)))
+        total += sum(v.nbytes for v in values)
+        # extrapolate from what is cached so far: stop early rather than overshoot the budget
+        if total * len(x) / s.stop > budget_bytes:
+            log.info("cached activations for %s would exceed the %d MB cache budget; full-network scoring",
+                     weight, budget_bytes >> 20)
+            return None
+    return Plan(suffix, _weight_proto(suffix, weight), feeds, [s.stop - s.start for s in slices], "suffix")
+
+
+def value_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor shape inference can type (graph inputs, outputs, value_info)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # shape inference is best effort; suffix scoring falls back when a type is unknown
+        inferred = model
+    types: dict[str, int] = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    return types
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# running a plan
+
+
+@dataclass(frozen=True)
+class Outcome:
+    correct: int
+    seen: int  # samples evaluated before a stop
+    total: int
+    stopped_early: bool
+
+
+def evaluate(plan: Plan, runner: Runner, output: str, array: np.ndarray, labels: np.ndarray, metric: str,
+             need: int | None = None) -> Outcome:
+    """Count correct predictions of the plan's model with the weight set to ``array``.
+
+    ``need``: stop as soon as ``correct + remaining < need`` (the candidate cannot reach ``need``).
+    """
+    sess = runner.session(plan.serialize_with(array))
+    total = int(sum(plan.sizes))
+    correct = seen = 0
+    start = 0
+    for feeds, size in zip(plan.feeds, plan.sizes, strict=True):
+        out = runner.run(sess, output, feeds)
+        correct += count_correct(out, labels[start:start + size], metric)
+        start += size
+        seen += size
+        if need is not None and correct + (total - seen) < need:
+            return Outcome(correct, seen, total, seen < total)
+    return Outcome(correct, seen, total, False)
+
+
+def outputs_of(plan: Plan, runner: Runner, output: str, array: np.ndarray | None) -> np.ndarray:
+    """All outputs of the plan's model (weight replaced by ``array`` unless None), concatenated."""
+    sess = runner.session(plan.model if array is None else plan.serialize_with(array))
+    return np.concatenate([runner.run(sess, output, f) for f in plan.feeds], axis=0)
+
+
+def run_model(model: onnx.ModelProto | bytes, runner: Runner, io: IOInfo, x: np.ndarray, batch: int,
+              on_batch: Callable[[int], None] | None = None) -> Iterator[np.ndarray]:
+    """Outputs of a whole model over ``x``, batch by batch."""
+    sess = runner.session(model)
+    for s in batch_slices(len(x), io.fixed_batch or batch):
+        yield runner.run(sess, io.output_name, {io.input_name: x[s]})
+        if on_batch:
+            on_batch(s.stop - s.start)

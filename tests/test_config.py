@@ -1,0 +1,51 @@
+import pytest
+
+from axcnn.config import CompressConfig
+
+
+def test_defaults_are_the_papers_setting():
+    c = CompressConfig()
+    assert (c.kmin, c.kmax, c.filter, c.estimator, c.kmeans) == (40, 80, 0.15, "inertia", "exact")
+
+
+@pytest.mark.parametrize(
+    "field,value,fragment",
+    [
+        ("kmin", 0, "[1, 65536]"),
+        ("kmax", 0, "[1, 65536]"),
+        ("filter", 0.0, "(0, 1]"),
+        ("filter", 1.5, "(0, 1]"),
+        ("filter", float("nan"), "(0, 1]"),
+        ("estimator", "foo", "inertia | kl"),
+        ("metric", "top3", "top1"),
+        ("kmeans", "lloyd", "exact"),
+        ("device", "tpu", "auto"),
+        ("limit", 0, ">= 1"),
+        ("batch_size", 0, ">= 1"),
+        ("calib", 0, ">= 1"),
+        ("cache_mb", -1, ">= 0"),
+        ("seed", -1, ">= 0"),
+    ],
+)
+def test_bad_values_name_field_value_and_range(field, value, fragment):
+    with pytest.raises(ValueError) as info:
+        CompressConfig(**{field: value})
+    msg = str(info.value)
+    assert msg.startswith(f"{field}=") and fragment in msg
+
+
+def test_kmin_above_kmax():
+    with pytest.raises(ValueError, match=r"kmin=50 is invalid: allowed at most kmax \(40\)"):
+        CompressConfig(kmin=50, kmax=40)
+
+
+def test_frozen():
+    c = CompressConfig()
+    with pytest.raises(AttributeError):
+        c.kmin = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("filter_,n,expected", [(0.15, 41, 7), (1.0, 41, 41), (0.05, 10, 1), (0.33, 3, 1),
+                                                (0.5, 1, 1), (0.2, 10, 2)])
+def test_candidates_to_score(filter_, n, expected):
+    assert CompressConfig(filter=filter_).candidates_to_score(n) == expected
