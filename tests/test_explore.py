@@ -1,0 +1,92 @@
+"""The exploration: greedy rule, and fast scoring / early stopping leaving the result identical."""
+
+import numpy as np
+import pytest
+from conftest import tiny_cnn, tiny_data
+
+from axcnn import score
+from axcnn.config import CompressConfig
+from axcnn.explore import Explorer, greedy
+from axcnn.model import inventory, io_info
+
+
+def _explore(model, x, y, **cfg):
+    config = CompressConfig(**{"kmin": 2, "kmax": 12, "filter": 1.0, "min_weights": 16, "batch_size": 32, **cfg})
+    explorer = Explorer(model, io_info(model), x, y, config, ["CPUExecutionProvider"])
+    layers, _ = inventory(model, config.min_weights)
+    return greedy(explorer, layers), explorer
+
+
+@pytest.mark.parametrize("batch", ["N", 1])
+@pytest.mark.parametrize("filter_", [1.0, 0.33])
+def test_fast_scoring_and_early_stop_leave_choices_identical(batch, filter_):
+    model = tiny_cnn(seed=3, batch=batch)
+    x, y = tiny_data(model, n=96, noise=0.3)
+    plain, _ = _explore(model, x, y, filter=filter_, fast_scoring=False, early_stop=False)
+    fast, ex = _explore(model, x, y, filter=filter_, fast_scoring=True, early_stop=True)
+    assert [d.chosen.k for d in fast.decisions] == [d.chosen.k for d in plain.decisions]
+    assert [d.chosen.correct for d in fast.decisions] == [d.chosen.correct for d in plain.decisions]
+    assert {d.plan for d in fast.decisions[1:]} == {"suffix"}  # later layers ran on cached activations
+    assert {d.plan for d in plain.decisions} == {"full"}
+
+
+def test_greedy_rule_lowest_loss_ties_to_smaller_k_and_early_stops_are_losers():
+    model = tiny_cnn(seed=5)
+    x, y = tiny_data(model, n=96, noise=0.3)
+    plain, _ = _explore(model, x, y, kmin=1, batch_size=8, early_stop=False)
+    fast, _ = _explore(model, x, y, kmin=1, batch_size=8, early_stop=True)
+    for dp, df in zip(plain.decisions, fast.decisions, strict=True):
+        full = {c.k: c.correct for c in dp.candidates}
+        best = max(full.values())
+        assert dp.chosen.k == min(k for k, c in full.items() if c == best)
+        for c in df.candidates:
+            if c.stopped_early:  # provably not the winner: fewer correct, or a tie lost to a smaller K
+                assert full[c.k] < best or (full[c.k] == best and c.k > df.chosen.k)
+                assert c.score is None and c.samples_seen < len(y)
+    assert any(c.stopped_early for d in fast.decisions for c in d.candidates)
+
+
+def test_filter_scores_the_best_fraction_by_inertia():
+    model = tiny_cnn(seed=2)
+    x, y = tiny_data(model, n=64)
+    result, _ = _explore(model, x, y, filter=0.2)
+    for d in result.decisions:
+        scored = [c.k for c in d.candidates if c.scored]
+        ks = sorted(c.k for c in d.candidates)
+        assert len(scored) == max(1, int(np.ceil(0.2 * len(ks) - 1e-9)))
+        # exact k-means: inertia falls with K, so the best-inertia fraction is the largest Ks
+        assert sorted(scored) == ks[-len(scored):]
+
+
+def test_kl_estimator_records_estimates_and_matches_plain_choice():
+    model = tiny_cnn(seed=4)
+    x, y = tiny_data(model, n=96)
+    calib = np.arange(0, 96, 3)
+    config = CompressConfig(kmin=2, kmax=12, filter=0.33, estimator="kl", min_weights=16, calib=32)
+    ex = Explorer(model, io_info(model), x, y, config, ["CPUExecutionProvider"], calib)
+    result = greedy(ex, inventory(model, 16)[0])
+    for d in result.decisions:
+        est = {c.k: c.estimate for c in d.candidates}
+        assert all(v >= -1e-12 for v in est.values())  # KL is non-negative
+        scored = sorted((c for c in d.candidates if c.scored), key=lambda c: (c.estimate, c.k))
+        unscored = [c for c in d.candidates if not c.scored]
+        assert all(s.estimate <= u.estimate for s in scored for u in unscored)
+
+
+def test_suffix_plan_matches_full_network_outputs():
+    model = tiny_cnn(seed=1)
+    x, _ = tiny_data(model, n=40)
+    io = io_info(model)
+    runner = score.Runner(["CPUExecutionProvider"])
+    work = score.working_copy(model)
+    types = score.value_types(work)
+    w2 = np.random.default_rng(0).normal(size=(8, 2, 3, 3)).astype(np.float32)
+    suffix = score.suffix_plan(work, "w2", x, io, 16, runner, 1 << 30, types)
+    full = score.full_plan(work, "w2", x, io, 16)
+    assert suffix is not None and suffix.kind == "suffix"
+    np.testing.assert_allclose(score.outputs_of(suffix, runner, "logits", w2),
+                               score.outputs_of(full, runner, "logits", w2), atol=1e-5)
+    # over the cache budget, no suffix plan
+    assert score.suffix_plan(work, "w2", x, io, 16, runner, 0, types) is None
+    # the first layer gains nothing from a cut
+    assert score.suffix_plan(work, "w1", x, io, 16, runner, 1 << 30, types) is None
