@@ -81,3 +81,15 @@ def tiny_files(tmp_path):
     onnx.save(model, mp)
     np.savez(dp, x=x, y=y)
     return mp, dp
+
+
+@pytest.fixture(autouse=True)
+def _reset_axcnn_logging():
+    """The CLI configures the 'axcnn' logger for the terminal; undo that so caplog sees records in later tests."""
+    import logging
+
+    yield
+    logger = logging.getLogger("axcnn")
+    logger.handlers[:] = []
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)

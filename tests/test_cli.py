@@ -1,0 +1,133 @@
+"""CLI: exit codes, one-line errors, nothing written on bad input."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from conftest import tiny_cnn
+from onnx import numpy_helper
+
+from axcnn import __version__
+from axcnn.cli import main
+
+FAST = ["--kmin", "2", "--kmax", "8", "--filter", "0.34", "--min-weights", "16", "-q"]
+
+
+def _run(args):
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+def test_version_and_help_with_examples():
+    r = _run(["--version"])
+    assert r.exit_code == 0 and __version__ in r.output
+    r = _run(["compress", "--help"])
+    assert r.exit_code == 0 and "Examples:" in r.output and "--filter" in r.output
+
+
+def test_compress_writes_model_and_report(tiny_files, tmp_path):
+    mp, dp = tiny_files
+    out, rep = tmp_path / "o.onnx", tmp_path / "o.json"
+    r = _run(["compress", str(mp), "--data", str(dp), "-o", str(out), "--report", str(rep), *FAST[:-1]])
+    assert r.exit_code == 0, r.output
+    assert "compression ratio (Eq. 1)" in r.output and "wrote" in r.output
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    report = json.loads(rep.read_text())
+    assert report["schema_version"] == 1 and len(report["layers"]) == 3
+    r = _run(["report", str(rep), "--format", "markdown"])
+    assert r.exit_code == 0 and r.output.startswith("# axcnn report")
+
+
+def test_default_report_path_sits_beside_output(tiny_files, tmp_path):
+    mp, dp = tiny_files
+    out = tmp_path / "model.shared.onnx"
+    r = _run(["compress", str(mp), "--data", str(dp), "-o", str(out), *FAST])
+    assert r.exit_code == 0 and r.output == ""  # -q: nothing on stdout
+    assert (tmp_path / "model.shared.report.json").is_file()
+
+
+def _bad_model_nan(tmp_path):
+    m = tiny_cnn()
+    w = numpy_helper.to_array(m.graph.initializer[3]).copy()
+    w[0, 0] = np.nan
+    m.graph.initializer[3].CopyFrom(numpy_helper.from_array(w, "w3"))
+    p = tmp_path / "nan.onnx"
+    onnx.save(m, p)
+    return p
+
+
+@pytest.mark.parametrize(
+    "case,fragment",
+    [
+        ("missing_model", "model file not found"),
+        ("corrupt_model", "not a readable ONNX model"),
+        ("nan_weights", "NaN or infinity"),
+        ("shape_mismatch", "does not match model input"),
+        ("labels_out_of_range", "labels must lie in [0, 9]"),
+        ("kmin_above_kmax", "kmin=9 is invalid"),
+        ("kmin_below_1", "kmin=0 is invalid"),
+        ("filter_zero", "filter=0.0 is invalid"),
+        ("filter_above_1", "filter=1.5 is invalid"),
+        ("output_is_input", "is the input model"),
+        ("missing_data", "not found"),
+        ("bad_mean", "--mean"),
+    ],
+)
+def test_bad_input_one_line_error_exit_1_nothing_written(case, fragment, tiny_files, tmp_path):
+    mp, dp = tiny_files
+    out = tmp_path / "out.onnx"
+    args = ["compress", str(mp), "--data", str(dp), "-o", str(out), *FAST]
+    if case == "missing_model":
+        args[1] = str(tmp_path / "nope.onnx")
+    elif case == "corrupt_model":
+        bad = tmp_path / "corrupt.onnx"
+        bad.write_bytes(mp.read_bytes()[: len(mp.read_bytes()) // 3])
+        args[1] = str(bad)
+    elif case == "nan_weights":
+        args[1] = str(_bad_model_nan(tmp_path))
+    elif case == "shape_mismatch":
+        np.savez(dp, x=np.zeros((10, 1, 7, 7), np.float32), y=np.zeros(10, np.int64))
+    elif case == "labels_out_of_range":
+        d = np.load(dp)
+        np.savez(dp, x=d["x"], y=np.full(len(d["y"]), 12, np.int64))
+    elif case == "kmin_above_kmax":
+        args += ["--kmin", "9", "--kmax", "3"]
+    elif case == "kmin_below_1":
+        args += ["--kmin", "0"]
+    elif case == "filter_zero":
+        args += ["--filter", "0"]
+    elif case == "filter_above_1":
+        args += ["--filter", "1.5"]
+    elif case == "output_is_input":
+        args[5] = str(mp)
+        out = None
+    elif case == "missing_data":
+        args[3] = str(tmp_path / "nope.npz")
+    elif case == "bad_mean":
+        args += ["--scale", "1", "--mean", "0.1,0.2"]
+    before = mp.read_bytes()
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], r.output
+    assert "Traceback" not in r.output
+    if out is not None:
+        assert not out.exists()
+    assert mp.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        p.name for p in tmp_path.iterdir() if not p.name.startswith(".")), "temporary files left behind"
+
+
+def test_usage_errors_exit_2(tiny_files):
+    mp, dp = tiny_files
+    assert CliRunner().invoke(main, ["compress", str(mp)]).exit_code == 2  # --data missing
+    assert CliRunner().invoke(main, ["compress", str(mp), "--data", str(dp), "--bogus"]).exit_code == 2
+    assert CliRunner().invoke(main, ["compress", str(mp), "--data", str(dp), "--kmin", "x"]).exit_code == 2
+
+
+def test_report_on_a_non_report_fails_cleanly(tmp_path):
+    p = tmp_path / "r.json"
+    p.write_text("{not json")
+    r = CliRunner().invoke(main, ["report", str(p)])
+    assert r.exit_code == 1 and r.output.startswith("error: ")

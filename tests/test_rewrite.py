@@ -1,0 +1,589 @@
+"""Tests for axcnn.rewrite: weight-shared ONNX models that stock onnxruntime runs and folds."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from axcnn import rewrite
+from axcnn.errors import AxcnnError
+from axcnn.rewrite import (
+    SharedWeight,
+    decode,
+    expand,
+    is_shared_model,
+    replace_weights,
+    share_weights,
+    shared_layers,
+    verify,
+    weight_arrays,
+    write_model,
+)
+
+DECODE_OPS = {
+    "Cast",
+    "Div",
+    "Mod",
+    "Mul",
+    "Sub",
+    "MatMul",
+    "ReduceSum",
+    "Reshape",
+    "Slice",
+    "Gather",
+    "Expand",
+}
+K_VALUES = [1, 2, 5, 16, 80, 256, 300]
+
+
+# --------------------------------------------------------------------------------------------------
+# tiny models
+
+
+def _model(nodes, inputs, outputs, inits, opset=13, ir=7, inits_as_inputs=False):
+    graph_inputs = [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs]
+    if inits_as_inputs:
+        graph_inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits]
+    graph = helper.make_graph(
+        nodes, "g", graph_inputs, [helper.make_tensor_value_info(n, t, s) for n, t, s in outputs], inits
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir)
+
+
+def _f32(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def conv_gemm(rng):
+    inits = [
+        numpy_helper.from_array(_f32(rng, 4, 3, 3, 3), "conv.w"),
+        numpy_helper.from_array(_f32(rng, 4), "conv.b"),
+        numpy_helper.from_array(_f32(rng, 10, 144), "fc.w"),
+        numpy_helper.from_array(_f32(rng, 10), "fc.b"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "conv.w", "conv.b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Flatten", ["r"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc.w", "fc.b"], ["y"], transB=1),
+    ]
+    model = _model(
+        nodes, [("x", TensorProto.FLOAT, [1, 3, 6, 6])], [("y", TensorProto.FLOAT, [1, 10])], inits
+    )
+    return model, {"x": _f32(rng, 1, 3, 6, 6)}, ["conv.w", "fc.w"]
+
+
+def depthwise(rng):
+    inits = [
+        numpy_helper.from_array(_f32(rng, 4, 1, 3, 3), "dw.w"),
+        numpy_helper.from_array(_f32(rng, 4), "dw.b"),
+    ]
+    nodes = [helper.make_node("Conv", ["x", "dw.w", "dw.b"], ["y"], group=4, pads=[1, 1, 1, 1])]
+    model = _model(
+        nodes,
+        [("x", TensorProto.FLOAT, [1, 4, 6, 6])],
+        [("y", TensorProto.FLOAT, [1, 4, 6, 6])],
+        inits,
+        opset=11,
+    )
+    return model, {"x": _f32(rng, 1, 4, 6, 6)}, ["dw.w"]
+
+
+def matmul(rng):
+    inits = [numpy_helper.from_array(_f32(rng, 5, 7), "mm.w")]
+    nodes = [helper.make_node("MatMul", ["x", "mm.w"], ["y"])]
+    model = _model(
+        nodes, [("x", TensorProto.FLOAT, [3, 5])], [("y", TensorProto.FLOAT, [3, 7])], inits, 17, 8
+    )
+    return model, {"x": _f32(rng, 3, 5)}, ["mm.w"]
+
+
+def constant_node(rng):
+    nodes = [
+        helper.make_node("Constant", [], ["cw"], value=numpy_helper.from_array(_f32(rng, 6, 3))),
+        helper.make_node("Constant", [], ["cb"], value_floats=[0.5, -1.0, 2.0]),
+        helper.make_node("MatMul", ["x", "cw"], ["m"]),
+        helper.make_node("Add", ["m", "cb"], ["y"]),
+    ]
+    model = _model(nodes, [("x", TensorProto.FLOAT, [2, 6])], [("y", TensorProto.FLOAT, [2, 3])], [])
+    return model, {"x": _f32(rng, 2, 6)}, ["cw", "cb"]
+
+
+def ir3_opset8(rng):
+    inits = [numpy_helper.from_array(_f32(rng, 5, 3, 3, 3), "w"), numpy_helper.from_array(_f32(rng, 5), "b")]
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["y"]),
+    ]
+    model = _model(
+        nodes,
+        [("x", TensorProto.FLOAT, [1, 3, 5, 5])],
+        [("y", TensorProto.FLOAT, [1, 5, 5, 5])],
+        inits,
+        opset=8,
+        ir=3,
+        inits_as_inputs=True,
+    )
+    return model, {"x": _f32(rng, 1, 3, 5, 5)}, ["w"]
+
+
+def opset21(rng):
+    inits = [
+        numpy_helper.from_array(_f32(rng, 6, 3, 3, 3), "w21"),
+        numpy_helper.from_array(_f32(rng, 6), "b21"),
+    ]
+    nodes = [helper.make_node("Conv", ["x", "w21", "b21"], ["y"], pads=[1, 1, 1, 1])]
+    model = _model(
+        nodes,
+        [("x", TensorProto.FLOAT, [1, 3, 5, 5])],
+        [("y", TensorProto.FLOAT, [1, 6, 5, 5])],
+        inits,
+        21,
+        10,
+    )
+    return model, {"x": _f32(rng, 1, 3, 5, 5)}, ["w21"]
+
+
+def float16(rng):
+    inits = [numpy_helper.from_array(rng.standard_normal((5, 7)).astype(np.float16), "h.w")]
+    nodes = [helper.make_node("MatMul", ["x", "h.w"], ["y"])]
+    model = _model(
+        nodes, [("x", TensorProto.FLOAT16, [2, 5])], [("y", TensorProto.FLOAT16, [2, 7])], inits, 17, 8
+    )
+    return model, {"x": rng.standard_normal((2, 5)).astype(np.float16)}, ["h.w"]
+
+
+def float64(rng):
+    inits = [numpy_helper.from_array(rng.standard_normal((5, 16)), "d.w")]
+    nodes = [helper.make_node("MatMul", ["x", "d.w"], ["y"])]
+    model = _model(
+        nodes, [("x", TensorProto.DOUBLE, [2, 5])], [("y", TensorProto.DOUBLE, [2, 16])], inits, 17, 8
+    )
+    return model, {"x": rng.standard_normal((2, 5))}, ["d.w"]
+
+
+def one_element(rng):
+    inits = [
+        numpy_helper.from_array(_f32(rng, 1, 1, 1, 1), "one.w"),
+        numpy_helper.from_array(np.array(1.5, dtype=np.float32), "scale"),
+    ]
+    nodes = [helper.make_node("Conv", ["x", "one.w"], ["c"]), helper.make_node("Mul", ["c", "scale"], ["y"])]
+    model = _model(
+        nodes, [("x", TensorProto.FLOAT, [1, 1, 4, 4])], [("y", TensorProto.FLOAT, [1, 1, 4, 4])], inits
+    )
+    return model, {"x": _f32(rng, 1, 1, 4, 4)}, ["one.w", "scale"]
+
+
+MODELS = [conv_gemm, depthwise, matmul, constant_node, ir3_opset8, opset21, float16, float64, one_element]
+
+
+def _clustering(model, names, k, rng):
+    arrays = weight_arrays(model, names)
+    return [
+        SharedWeight(
+            name,
+            rng.standard_normal(k).astype(arr.dtype),
+            rng.integers(0, k, size=arr.shape),
+        )
+        for name, arr in arrays.items()
+    ]
+
+
+def _session(model, optimized_path=None):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _run(model, feeds, optimized_path=None):
+    return _session(model, optimized_path).run(None, feeds)
+
+
+def _expected_encoding(k, opset, ir):
+    bits = max(k - 1, 0).bit_length()
+    if k == 1:
+        return "broadcast"
+    if bits == 8:
+        return "uint8"
+    if bits == 4 and opset >= 21 and ir >= 10:
+        return "uint4"
+    return "planes"
+
+
+def _opset(model):
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+# --------------------------------------------------------------------------------------------------
+# the main round trip
+
+
+@pytest.mark.parametrize("k", K_VALUES)
+@pytest.mark.parametrize("build", MODELS, ids=lambda f: f.__name__)
+def test_share_round_trip(build, k, tmp_path):
+    rng = np.random.default_rng(1000 * MODELS.index(build) + k)
+    model, feeds, names = build(rng)
+    before = model.SerializeToString()
+    shared = _clustering(model, names, k, rng)
+    dense = replace_weights(model, {sw.name: sw.dense() for sw in shared})
+
+    out, stored = share_weights(model, shared, metadata={"axcnn.tool": "test"})
+    assert model.SerializeToString() == before  # input untouched
+    onnx.checker.check_model(out, full_check=True)
+    assert is_shared_model(out) and not is_shared_model(model)
+
+    # onnxruntime output equals the dense clustered model's output, and the decode folds away
+    got = _run(out, feeds, tmp_path / "opt_shared.onnx")
+    want = _run(dense, feeds, tmp_path / "opt_dense.onnx")
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        assert np.max(np.abs(g.astype(np.float64) - w.astype(np.float64))) <= 1e-5
+    opt_shared = onnx.load(str(tmp_path / "opt_shared.onnx"))
+    opt_dense = onnx.load(str(tmp_path / "opt_dense.onnx"))
+    assert not [n.name for n in opt_shared.graph.node if n.name.startswith("axcnn/")]
+    count_shared = collections.Counter(n.op_type for n in opt_shared.graph.node if n.op_type in DECODE_OPS)
+    count_dense = collections.Counter(n.op_type for n in opt_dense.graph.node if n.op_type in DECODE_OPS)
+    assert count_shared == count_dense
+
+    # numpy decode is bit-identical; verify passes (numpy and onnxruntime), fails on wrong indices
+    decoded = decode(out)
+    assert set(decoded) == set(names)
+    for sw in shared:
+        assert decoded[sw.name].dtype == sw.dense().dtype
+        assert decoded[sw.name].tobytes() == sw.dense().tobytes()
+    verify(out, shared)
+    verify(out, shared, runtime=True)
+    bad = shared[0]
+    if k > 1:
+        wrong = bad.indices.copy()
+        wrong.flat[0] = (wrong.flat[0] + 1) % k
+        bad = SharedWeight(bad.name, bad.centroids, wrong)
+    else:
+        bad = SharedWeight(bad.name, bad.centroids + np.ones(1, bad.centroids.dtype), bad.indices)
+    with pytest.raises(AxcnnError, match=f"decoded weights of layer {bad.name} differ"):
+        verify(out, [bad, *shared[1:]])
+
+    # stored bytes and encodings
+    opset, ir = _opset(model), model.ir_version
+    records = {r["name"]: r for r in shared_layers(out)}
+    for layer, sw in zip(stored, shared, strict=True):
+        n, bits, width = sw.indices.size, layer.index_bits, sw.centroids.dtype.itemsize * 8
+        assert layer.name == sw.name and layer.k == k and bits == max(k - 1, 0).bit_length()
+        assert layer.encoding == _expected_encoding(k, opset, ir)
+        assert layer.centroid_bytes == k * sw.centroids.dtype.itemsize
+        assert layer.stored_bytes == layer.index_bytes + layer.centroid_bytes
+        assert layer.stored_bytes <= 1.02 * (n * bits + k * width) / 8 + 16
+        rec = records[sw.name]
+        assert rec["k"] == k and rec["encoding"] == layer.encoding and rec["index_bits"] == bits
+        assert rec["shape"] == list(sw.indices.shape) and rec["dtype"] == str(sw.centroids.dtype)
+        assert rec["index_bytes"] == layer.index_bytes and rec["centroid_bytes"] == layer.centroid_bytes
+        inits = {t.name: t for t in out.graph.initializer}
+        assert rec["centroid_tensor"] in inits and sw.name not in inits
+        if layer.encoding == "broadcast":
+            assert rec["index_tensor"] is None and layer.index_bytes == 0
+        else:
+            assert len(inits[rec["index_tensor"]].raw_data) == layer.index_bytes
+    # the weight name seen by consumers is unchanged: exactly one node produces it
+    producers = [n for n in out.graph.node if set(names) & set(n.output)]
+    assert all(n.name.startswith("axcnn/") for n in producers) and len(producers) == len(names)
+    assert not [n for n in out.graph.node if n.op_type == "Constant" and set(n.output) & set(names)]
+
+    # weight_arrays of a shared model gives the decoded weights
+    for name, arr in weight_arrays(out, names).items():
+        assert arr.tobytes() == decoded[name].tobytes()
+
+    # expand back to a dense model
+    plain = expand(out)
+    onnx.checker.check_model(plain, full_check=True)
+    assert not is_shared_model(plain) and shared_layers(plain) == []
+    assert not [n for n in plain.graph.node if n.name.startswith("axcnn/")]
+    assert not [p for p in plain.metadata_props if p.key.startswith("axcnn.")]
+    assert {t.name for t in plain.graph.initializer} == {t.name for t in model.graph.initializer} | {
+        sw.name for sw in shared
+    }
+    for name, arr in weight_arrays(plain, names).items():
+        assert arr.tobytes() == decoded[name].tobytes()
+    for g, w in zip(_run(plain, feeds), got, strict=True):
+        assert np.max(np.abs(g.astype(np.float64) - w.astype(np.float64))) <= 1e-5
+
+
+# --------------------------------------------------------------------------------------------------
+# model-specific structure
+
+
+def test_ir3_graph_inputs():
+    rng = np.random.default_rng(3)
+    model, _, names = ir3_opset8(rng)
+    out, _ = share_weights(model, _clustering(model, names, 5, rng))
+    inputs = {v.name for v in out.graph.input}
+    assert "w" not in inputs and "b" in inputs and "x" in inputs
+    assert {t.name for t in out.graph.initializer} <= inputs  # IR 3: every initializer is an input
+    assert out.ir_version == 3
+    ops = [n.op_type for n in out.graph.node if n.name.startswith("axcnn/")]
+    assert "Mod" not in ops and "MatMul" not in ops  # neither exists for int32 at opset 8
+
+
+def test_constant_weight_removed():
+    rng = np.random.default_rng(4)
+    model, _, names = constant_node(rng)
+    out, _ = share_weights(model, _clustering(model, ["cw"], 5, rng))
+    assert [n.output[0] for n in out.graph.node if n.op_type == "Constant"] == ["cb"]
+
+
+def test_slice_path_for_odd_sizes():
+    rng = np.random.default_rng(5)
+    for build, opset in ((matmul, 17), (ir3_opset8, 8)):
+        model, feeds, names = build(rng)
+        shared = _clustering(model, names, 5, rng)
+        out, stored = share_weights(model, shared)
+        assert stored[0].encoding == "planes"
+        assert "Slice" in [n.op_type for n in out.graph.node]  # 35 and 135 weights: n % 8 != 0
+        assert _opset(out) == opset
+        verify(out, shared, runtime=True)
+
+
+def test_helpers_shared_across_layers():
+    rng = np.random.default_rng(6)
+    model, _, names = conv_gemm(rng)
+    out, _ = share_weights(model, _clustering(model, names, 5, rng))
+    init_names = [t.name for t in out.graph.initializer]
+    assert len(init_names) == len(set(init_names))
+    assert init_names.count("ax.p") == 1 and init_names.count("ax.w3") == 1
+    node_names = [n.name for n in out.graph.node if n.name]
+    assert len(node_names) == len(set(node_names))
+
+
+def test_prefix_avoids_name_collisions():
+    rng = np.random.default_rng(7)
+    model, feeds, names = matmul(rng)
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros(1, np.float32), "ax0.q"))
+    shared = _clustering(model, names, 5, rng)
+    out, _ = share_weights(model, shared)
+    onnx.checker.check_model(out, full_check=True)
+    assert shared_layers(out)[0]["index_tensor"] == "ax_0.q"
+    verify(out, shared, runtime=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# sizes
+
+
+def _big_conv(rng, opset=13, ir=7, layers=1, channels=64):
+    inits, nodes, prev = [], [], "x"
+    for i in range(layers):
+        inits.append(numpy_helper.from_array(_f32(rng, channels, channels, 3, 3), f"conv{i}.weight"))
+        nodes.append(helper.make_node("Conv", [prev, f"conv{i}.weight"], [f"y{i}"], pads=[1, 1, 1, 1]))
+        prev = f"y{i}"
+    io = [("x", TensorProto.FLOAT, [1, channels, 4, 4])]
+    out = [(prev, TensorProto.FLOAT, [1, channels, 4, 4])]
+    return _model(nodes, io, out, inits, opset, ir), [t.name for t in inits]
+
+
+@pytest.mark.parametrize(("opset", "ir", "encoding"), [(13, 7, "planes"), (21, 10, "uint4")])
+def test_written_file_shrinks(tmp_path, opset, ir, encoding):
+    rng = np.random.default_rng(8)
+    model, names = _big_conv(rng, opset, ir)
+    shared = _clustering(model, names, 16, rng)
+    out, stored = share_weights(model, shared)
+    assert stored[0].encoding == encoding
+    dense_bytes = write_model(model, tmp_path / "dense.onnx")
+    shared_bytes = write_model(out, tmp_path / "shared.onnx")
+    assert dense_bytes == os.path.getsize(tmp_path / "dense.onnx")
+    assert shared_bytes == os.path.getsize(tmp_path / "shared.onnx")
+    n = 64 * 64 * 3 * 3
+    cr = n * 32 / (n * 4 + 16 * 32)  # Eq. 1
+    assert 0.95 * cr <= dense_bytes / shared_bytes <= cr
+
+
+def test_per_layer_overhead():
+    rng = np.random.default_rng(9)
+    layers = 4
+    model, names = _big_conv(rng, layers=layers, channels=16)
+    out, stored = share_weights(model, _clustering(model, names, 5, rng))
+    weight_bytes = sum(len(t.SerializeToString()) for t in model.graph.initializer)
+    base = len(model.SerializeToString()) - weight_bytes
+    payload = sum(layer.stored_bytes for layer in stored)
+    total = len(out.SerializeToString()) - base - payload
+    metadata = sum(len(p.SerializeToString()) for p in out.metadata_props)
+    assert (total - metadata) / layers < 400  # graph only (nodes, tensor headers, shared helpers)
+    assert total / layers < 650  # including the JSON layer records
+
+
+# --------------------------------------------------------------------------------------------------
+# metadata, inputs, errors
+
+
+def test_metadata_merges_and_input_untouched():
+    rng = np.random.default_rng(10)
+    model, _, names = matmul(rng)
+    helper.set_model_props(model, {"producer.note": "keep", "axcnn.tool": "old"})
+    before = model.SerializeToString()
+    out, _ = share_weights(model, _clustering(model, names, 5, rng), {"axcnn.tool": "new", "axcnn.k": "5"})
+    assert model.SerializeToString() == before
+    keys = [p.key for p in out.metadata_props]
+    assert len(keys) == len(set(keys))
+    props = {p.key: p.value for p in out.metadata_props}
+    assert props["producer.note"] == "keep" and props["axcnn.tool"] == "new" and props["axcnn.k"] == "5"
+    assert json.loads(props["axcnn.layers"])[0]["name"] == "mm.w"
+    plain = expand(out)
+    assert {p.key: p.value for p in plain.metadata_props} == {"producer.note": "keep"}
+
+
+def test_shared_layers_on_plain_model():
+    model, _, _ = matmul(np.random.default_rng(11))
+    assert not is_shared_model(model)
+    assert shared_layers(model) == []
+    assert decode(model) == {}
+    assert expand(model).SerializeToString() == model.SerializeToString()
+
+
+def test_errors():
+    rng = np.random.default_rng(12)
+    model, _, names = matmul(rng)
+    (sw,) = _clustering(model, names, 5, rng)
+    with pytest.raises(AxcnnError, match="nope"):
+        share_weights(model, [SharedWeight("nope", sw.centroids, sw.indices)])
+    with pytest.raises(ValueError, match="shape"):
+        share_weights(model, [SharedWeight("mm.w", sw.centroids, sw.indices.T)])
+    with pytest.raises(ValueError, match="outside"):
+        share_weights(model, [SharedWeight("mm.w", sw.centroids, sw.indices + 5)])
+    with pytest.raises(ValueError, match="dtype"):
+        share_weights(model, [SharedWeight("mm.w", sw.centroids.astype(np.float64), sw.indices)])
+    with pytest.raises(ValueError, match="integers"):
+        SharedWeight("mm.w", sw.centroids, sw.indices.astype(np.float32))
+    out, _ = share_weights(model, [sw])
+    with pytest.raises(AxcnnError, match="already weight-shared"):
+        share_weights(out, [sw])
+    with pytest.raises(AxcnnError, match="not weight-shared"):
+        verify(out, [SharedWeight("other", sw.centroids, sw.indices)])
+    old = helper.make_model(model.graph, opset_imports=[helper.make_opsetid("", 7)], ir_version=3)
+    with pytest.raises(AxcnnError, match="too old"):
+        share_weights(old, [sw])
+    with pytest.raises(ValueError, match="dtype"):
+        replace_weights(model, {"mm.w": sw.dense().astype(np.float64)})
+    with pytest.raises(ValueError, match="shape"):
+        replace_weights(model, {"mm.w": sw.dense().T})
+    with pytest.raises(AxcnnError):
+        weight_arrays(model, ["nope"])
+
+
+def test_replace_weights_constant_and_copy():
+    rng = np.random.default_rng(13)
+    model, _, _ = constant_node(rng)
+    before = model.SerializeToString()
+    new = {"cw": np.ones((6, 3), np.float32), "cb": np.zeros(3, np.float32)}
+    out = replace_weights(model, new)
+    assert model.SerializeToString() == before
+    got = weight_arrays(out, ["cw", "cb"])
+    assert all(np.array_equal(got[k], v) for k, v in new.items())
+    onnx.checker.check_model(out, full_check=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# writing
+
+
+def _fail(*args, **kwargs):
+    raise OSError("disk on fire")
+
+
+def test_write_model_atomic(tmp_path, monkeypatch):
+    rng = np.random.default_rng(14)
+    model, _, _ = matmul(rng)
+    target = tmp_path / "m.onnx"
+    monkeypatch.setattr(rewrite.os, "fsync", _fail)
+    with pytest.raises(OSError, match="disk on fire"):
+        write_model(model, target)
+    assert list(tmp_path.iterdir()) == []
+    target.write_bytes(b"old")
+    with pytest.raises(OSError, match="disk on fire"):
+        write_model(model, target)
+    with pytest.raises(OSError, match="disk on fire"):
+        write_model(model, target, external_data=True)
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_write_model_partial_external_write(tmp_path, monkeypatch):
+    rng = np.random.default_rng(15)
+    model, _ = _big_conv(rng, channels=16)
+
+    def half_then_fail(proto, f, **kwargs):
+        Path(f).write_bytes(proto.SerializeToString()[:100])
+        Path(f).with_name(kwargs["location"]).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(rewrite.onnx, "save_model", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_model(model, tmp_path / "m.onnx", external_data=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_model_external_data(tmp_path):
+    rng = np.random.default_rng(16)
+    model, names = _big_conv(rng, layers=2)
+    shared = _clustering(model, names, 16, rng)
+    out, _ = share_weights(model, shared)
+    sub = tmp_path / "out"
+    sub.mkdir()
+    target = sub / "shared.onnx"
+    written = write_model(out, target, external_data=True)
+    data = sub / "shared.onnx.data"
+    assert data.exists()
+    assert written == target.stat().st_size + data.stat().st_size
+    assert sorted(p.name for p in sub.iterdir()) == ["shared.onnx", "shared.onnx.data"]
+    assert out.SerializeToString() == share_weights(model, shared)[0].SerializeToString()  # not mutated
+    header = onnx.load(str(target), load_external_data=False)
+    locations = [
+        e.value
+        for t in header.graph.initializer
+        if t.data_location == TensorProto.EXTERNAL
+        for e in t.external_data
+        if e.key == "location"
+    ]
+    assert locations and set(locations) == {"shared.onnx.data"}
+    loaded = onnx.load(str(target))
+    onnx.checker.check_model(loaded, full_check=True)
+    verify(loaded, shared)
+    x = _f32(rng, 1, 64, 4, 4)
+    sess = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    dense = replace_weights(model, {sw.name: sw.dense() for sw in shared})
+    (got,) = sess.run(None, {"x": x})
+    (want,) = _run(dense, {"x": x})
+    assert np.max(np.abs(got - want)) <= 1e-5 * max(1.0, float(np.max(np.abs(want))))
+
+
+def test_written_file_permissions(tmp_path):
+    model, _, _ = matmul(np.random.default_rng(17))
+    write_model(model, tmp_path / "a.onnx")
+    assert (tmp_path / "a.onnx").stat().st_mode & 0o777 == 0o644
+    (tmp_path / "a.onnx").chmod(0o640)
+    write_model(model, tmp_path / "a.onnx")
+    assert (tmp_path / "a.onnx").stat().st_mode & 0o777 == 0o640
+
+
+def test_bfloat16_weight():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    rng = np.random.default_rng(18)
+    weight = rng.standard_normal((3, 5)).astype(ml_dtypes.bfloat16)
+    nodes = [helper.make_node("Identity", ["bw"], ["y"])]
+    model = _model(nodes, [], [("y", TensorProto.BFLOAT16, [3, 5])], [numpy_helper.from_array(weight, "bw")])
+    centroids = rng.standard_normal(5).astype(ml_dtypes.bfloat16)
+    for given in (centroids, centroids.view(np.uint16)):  # bfloat16 values, or their stored bit patterns
+        sw = SharedWeight("bw", given, rng.integers(0, 5, size=(3, 5)))
+        out, stored = share_weights(model, [sw])
+        onnx.checker.check_model(out, full_check=True)
+        assert stored[0].centroid_bytes == 10 and shared_layers(out)[0]["dtype"] == "bfloat16"
+        assert decode(out)["bw"].tobytes() == centroids[sw.indices].tobytes()
+        verify(out, [sw], runtime=True)  # the onnxruntime check skips bfloat16 (no numpy type in ORT)
