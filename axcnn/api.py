@@ -52,16 +52,27 @@ def model_files(path: Path, model: onnx.ModelProto) -> list[Path]:
     return files
 
 
-def _check_paths(model_path: Path, output: Path, report_path: Path | None) -> None:
-    for target, what in ((output, "output"), (report_path, "report")):
-        if target is None:
-            continue
-        if _same_file(target, model_path) or target.resolve() == model_path.resolve():
+def check_output_path(model_path: Path, target: Path, what: str) -> None:
+    """Refuse an output path that is the input model (or its external data), a folder, or in a missing folder."""
+    inputs = [model_path]
+    if model_path.is_file():
+        try:
+            inputs = model_files(model_path, onnx.load(str(model_path), load_external_data=False))
+        except Exception:  # an unreadable model is reported by load_model later
+            pass
+    for src in inputs:
+        if _same_file(target, src) or target.resolve() == src.resolve():
             raise AxcnnError(f"the {what} path {target} is the input model; choose another path")
-        if target.exists() and target.is_dir():
-            raise AxcnnError(f"the {what} path {target} is a directory")
-        if not target.resolve().parent.is_dir():
-            raise AxcnnError(f"the folder of the {what} path {target} does not exist")
+    if target.exists() and target.is_dir():
+        raise AxcnnError(f"the {what} path {target} is a directory")
+    if not target.resolve().parent.is_dir():
+        raise AxcnnError(f"the folder of the {what} path {target} does not exist")
+
+
+def _check_paths(model_path: Path, output: Path, report_path: Path | None) -> None:
+    check_output_path(model_path, output, "output")
+    if report_path is not None:
+        check_output_path(model_path, report_path, "report")
     if report_path is not None and output.resolve() == report_path.resolve():
         raise AxcnnError("the output model and the report must be different files")
 

@@ -173,6 +173,46 @@ def compress(model, data, output, report_path, kmin, kmax, filter_, estimator, c
         click.echo(f"wrote {result.output_path} and {result.report_path}")
 
 
+@main.command("inspect")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the records as JSON.")
+def inspect_cmd(model, as_json):
+    """List every weight tensor of MODEL; for an axcnn model also each layer's K, bits, stored bytes and CR."""
+    import json
+
+    try:
+        from axcnn.inspect import describe, render
+        from axcnn.model import load_model
+
+        info = describe(load_model(model))
+    except AxcnnError as exc:
+        _fail(str(exc))
+    click.echo(json.dumps(info, indent=2) if as_json else render(info))
+
+
+@main.command("expand")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Dense model to write.")
+def expand_cmd(model, output):
+    """Write a plain dense copy of an axcnn MODEL, with no decode ops, for runtimes that lack one."""
+    from pathlib import Path
+
+    try:
+        from axcnn import rewrite
+        from axcnn.api import check_output_path
+        from axcnn.model import load_model
+
+        check_output_path(Path(model), Path(output), "output")
+        m = load_model(model)
+        if not rewrite.is_shared_model(m):
+            raise AxcnnError(f"{model} is not an axcnn weight-shared model; nothing to expand")
+        dense = rewrite.expand(m)
+        size = rewrite.write_model(dense, output, external_data=dense.ByteSize() > (2 << 30) - (1 << 20))
+    except AxcnnError as exc:
+        _fail(str(exc))
+    click.echo(f"wrote {output} ({size:,} bytes)")
+
+
 @main.command("report")
 @click.argument("report_json", type=click.Path(exists=True, dir_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json"]), default="table",

@@ -1,0 +1,156 @@
+"""End to end through the library API on tiny models built in code."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from conftest import tiny_cnn, tiny_data
+
+from axcnn import rewrite
+from axcnn.api import compress
+from axcnn.cli import main
+from axcnn.config import CompressConfig
+from axcnn.errors import AxcnnError
+
+CFG = dict(kmin=2, kmax=10, filter=0.34, min_weights=16, batch_size=32)
+REPORT_KEYS = {"schema_version", "model", "settings", "reference_score", "final_score", "accuracy_loss_pp",
+               "compression_ratio", "timing", "layers", "file_bytes_before", "file_bytes_after"}
+LAYER_KEYS = {"name", "op_type", "shape", "weights", "k", "index_bits", "inertia", "score", "compression_ratio",
+              "stored_bytes"}
+
+
+def _run(session, x, batch=None):
+    name = session.get_inputs()[0].name
+    if batch:
+        return np.concatenate([session.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+    return session.run(None, {name: x})[0]
+
+
+@pytest.mark.parametrize("variant", ["plain", "batch1", "constant", "ir3", "opset21", "kl", "top5", "agreement"])
+def test_compress_end_to_end(variant, tmp_path):
+    kwargs = {"batch": 1} if variant == "batch1" else {}
+    if variant == "constant":
+        kwargs = {"constant_weight": True}
+    if variant == "ir3":
+        kwargs = {"opset": 8, "ir": 3, "initializers_as_inputs": True}
+    if variant == "opset21":
+        kwargs = {"opset": 21, "ir": 10}
+    model = tiny_cnn(seed=7, **kwargs)
+    x, y = tiny_data(model, n=64)
+    mp, dp = tmp_path / "m.onnx", tmp_path / "d.npz"
+    onnx.save(model, mp)
+    np.savez(dp, x=x, y=y)
+    cfg = dict(CFG)
+    if variant in ("kl", "top5", "agreement"):
+        cfg.update({"kl": {"estimator": "kl", "calib": 24}, "top5": {"metric": "top5"},
+                    "agreement": {"metric": "agreement"}}[variant])
+    if variant == "opset21":
+        cfg.update(kmin=16, kmax=16)  # 4-bit indices: the native uint4 encoding
+    out = tmp_path / "o.onnx"
+    result = compress(mp, dp, out, tmp_path / "r.json", CompressConfig(**cfg))
+    rep = result.report
+    assert REPORT_KEYS <= set(rep) and all(LAYER_KEYS <= set(layer) for layer in rep["layers"])
+    assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(rep))
+    assert mp.read_bytes() == model.SerializeToString() or onnx.load(str(mp)) == model  # input untouched
+
+    written = onnx.load(str(out))
+    onnx.checker.check_model(written, full_check=True)
+    # outputs equal the same model with the clustered weights written densely
+    dense = rewrite.replace_weights(model, rewrite.decode(written))
+    batch = 1 if variant == "batch1" else None
+    s_shared = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    s_dense = ort.InferenceSession(dense.SerializeToString(), providers=["CPUExecutionProvider"])
+    got, ref = _run(s_shared, x, batch), _run(s_dense, x, batch)
+    assert np.max(np.abs(got - ref)) <= 1e-5
+    # final_score is what the written model scores, measured here independently
+    s_orig = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    orig = _run(s_orig, x, batch)
+    labels = orig.argmax(1) if variant == "agreement" else y
+    if variant == "top5":
+        own = np.mean([lab in np.argsort(-row)[:5] for row, lab in zip(got, labels, strict=True)])
+    else:
+        own = np.mean(got.argmax(1) == labels)
+    assert rep["final_score"] == pytest.approx(own)
+    assert rep["accuracy_loss_pp"] == pytest.approx((rep["reference_score"] - rep["final_score"]) * 100)
+    # the model describes itself
+    meta = {p.key: p.value for p in written.metadata_props}
+    assert "axcnn.version" in meta and json.loads(meta["axcnn.settings"])["kmin"] == cfg["kmin"]
+    ks = {r["name"]: r["k"] for r in rewrite.shared_layers(written)}
+    assert ks == {layer["name"]: layer["k"] for layer in rep["layers"]}
+    if variant == "opset21":
+        assert {layer["encoding"] for layer in rep["layers"]} == {"uint4"}
+
+
+def test_report_compression_ratio_is_eq1_over_clustered_weights(tmp_path):
+    model = tiny_cnn(seed=2)
+    x, y = tiny_data(model)
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    rep = compress(tmp_path / "m.onnx", tmp_path / "d.npz", tmp_path / "o.onnx", None, CompressConfig(**CFG)).report
+    before = sum(layer["weights"] * 32 for layer in rep["layers"])
+    after = sum(layer["weights"] * layer["index_bits"] + layer["k"] * 32 for layer in rep["layers"])
+    assert rep["compression_ratio"] == pytest.approx(before / after)
+    for layer in rep["layers"]:
+        eq1 = layer["weights"] * layer["index_bits"] + layer["k"] * 32
+        assert layer["stored_bytes"] <= 1.02 * eq1 / 8 + 16
+    assert rep["file_bytes_after"] == (tmp_path / "o.onnx").stat().st_size
+    parts = rep["file_breakdown"]
+    assert parts["clustered_payload"] + parts["unclustered_tensors"] + parts["graph_and_decode_overhead"] == \
+        rep["file_bytes_after"]
+
+
+def test_failed_decode_check_writes_nothing(tmp_path, monkeypatch):
+    model = tiny_cnn()
+    x, y = tiny_data(model)
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+
+    def broken(*a, **k):
+        raise AxcnnError("decoded weights of layer w1 differ from the clustered weights")
+
+    monkeypatch.setattr(rewrite, "verify", broken)
+    with pytest.raises(AxcnnError, match="differ"):
+        compress(tmp_path / "m.onnx", tmp_path / "d.npz", tmp_path / "o.onnx", tmp_path / "r.json",
+                 CompressConfig(**CFG))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "m.onnx"]
+
+
+def test_limit_scores_a_stratified_subset(tmp_path):
+    model = tiny_cnn()
+    x, y = tiny_data(model, n=100)
+    order = np.argsort(y, kind="stable")  # class-ordered, like the shared CIFAR-10 copy
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=x[order], y=y[order])
+    rep = compress(tmp_path / "m.onnx", tmp_path / "d.npz", tmp_path / "o.onnx", None,
+                   CompressConfig(limit=30, **CFG)).report
+    assert rep["samples"] == 30
+
+
+def test_inspect_and_expand_commands(tiny_files, tmp_path):
+    mp, dp = tiny_files
+    out = tmp_path / "s.onnx"
+    compress(mp, dp, out, None, CompressConfig(**CFG))
+    r = CliRunner().invoke(main, ["inspect", str(mp)])
+    assert r.exit_code == 0 and "w1" in r.output and "bias" in r.output and "axcnn" not in r.output.split("\n")[-1]
+    r = CliRunner().invoke(main, ["inspect", str(out), "--json"])
+    info = json.loads(r.output)
+    assert r.exit_code == 0 and info["shared_model"] and info["compression_ratio"] > 1
+    shared = [t for t in info["tensors"] if t["shared"]]
+    assert {t["name"] for t in shared} == {"w1", "w2", "w3"} and all(t["k"] >= 2 for t in shared)
+    dense = tmp_path / "dense.onnx"
+    r = CliRunner().invoke(main, ["expand", str(out), "-o", str(dense)])
+    assert r.exit_code == 0, r.output
+    plain = onnx.load(str(dense))
+    onnx.checker.check_model(plain, full_check=True)
+    assert not rewrite.is_shared_model(plain) and not any(n.name.startswith("axcnn/") for n in plain.graph.node)
+    x = np.load(dp)["x"]
+    a = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    b = ort.InferenceSession(str(dense), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.array_equal(a, b)
+    r = CliRunner().invoke(main, ["expand", str(mp), "-o", str(tmp_path / "e.onnx")])
+    assert r.exit_code == 1 and "not an axcnn" in r.output and not (tmp_path / "e.onnx").exists()
+    r = CliRunner().invoke(main, ["expand", str(out), "-o", str(out)])
+    assert r.exit_code == 1 and "is the input model" in r.output
