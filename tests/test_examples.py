@@ -82,3 +82,27 @@ def test_training_script_test_split_matches_committed(trained):
 def test_committed_model_accuracy():
     _check_model(EXAMPLES / "digits_cnn.onnx")
     assert _accuracy(EXAMPLES / "digits_cnn.onnx", EXAMPLES / "digits_test.npz") >= 0.95
+
+
+def test_demo_compresses_the_shipped_example(tmp_path):
+    """`make demo` runs exactly this command on the committed example."""
+    import json
+
+    from click.testing import CliRunner
+
+    from axcnn.cli import main
+
+    out, rep = tmp_path / "digits.shared.onnx", tmp_path / "digits.report.json"
+    r = CliRunner().invoke(main, ["compress", str(EXAMPLES / "digits_cnn.onnx"), "--data",
+                                  str(EXAMPLES / "digits_test.npz"), "--scale", "16", "-o", str(out),
+                                  "--report", str(rep)])
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep.read_text())
+    assert report["accuracy_loss_pp"] <= 1.0 and report["compression_ratio"] > 3
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    d = np.load(EXAMPLES / "digits_test.npz")
+    x = (d["x"].astype(np.float32) / 16.0).transpose(0, 3, 1, 2)
+    logits = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert np.mean(logits.argmax(1) == d["y"]) == pytest.approx(report["final_score"])
+    r = CliRunner().invoke(main, ["inspect", str(out)])
+    assert r.exit_code == 0 and "shared layers" in r.output
