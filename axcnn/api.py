@@ -132,18 +132,15 @@ def compress(
     metadata = {"axcnn.version": __version__, "axcnn.settings": json.dumps(settings, sort_keys=True)}
     out_model, stored = rewrite.share_weights(model, shared, metadata)
     rewrite.verify(out_model, shared)
-    external = uses_external_data(onnx.load(str(model_path), load_external_data=False)) or \
-        out_model.ByteSize() > (2 << 30) - (1 << 20)
+    skeleton = onnx.load(str(model_path), load_external_data=False)  # tensors still point at their files
+    external = uses_external_data(skeleton) or out_model.ByteSize() > (2 << 30) - (1 << 20)
     t_final = time.perf_counter()
     file_bytes_after = rewrite.write_model(out_model, output, external_data=external)
     written = load_model(output)
-    final_correct = sum(
-        score.count_correct(out, explorer.labels[s], config.metric)
-        for out, s in zip(score.run_model(written, explorer.runner, io, data.x, config.batch_size),
-                          score.batch_slices(len(data), io.fixed_batch or config.batch_size), strict=True)
-    )
+    final_correct = score.count_all(written, explorer.runner, io, data.x, explorer.labels, config.metric,
+                                    config.batch_size)
     final_s = time.perf_counter() - t_final
-    file_bytes_before = sum(f.stat().st_size for f in model_files(model_path, model))
+    file_bytes_before = sum(f.stat().st_size for f in model_files(model_path, skeleton))
 
     rep = report.build(
         model_path=model_path, output_path=output, settings=settings, exploration=exploration,

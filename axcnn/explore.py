@@ -155,7 +155,8 @@ class Explorer:
                 best = cand
             self.progress("candidate", k=k, stopped_early=out.stopped_early)
         scoring_s = time.perf_counter() - t2
-        assert best is not None  # the first scored candidate is never stopped early
+        if best is None:  # cannot happen: the first scored candidate has no incumbent to lose to
+            raise RuntimeError(f"no candidate of {spec.name} was fully scored")
         candidates = tuple(
             results.get(k) or Candidate(k=k, inertia=table.inertia(k), estimate=estimates[k],
                                         compression_ratio=compression_ratio(spec.weights, k, spec.bits))
@@ -182,8 +183,8 @@ class Explorer:
 
     def _fix(self, name: str, array: np.ndarray) -> None:
         """Write the chosen clustered weight into the current network."""
-        plan = score.full_plan(self.current, name, self.x[:0], self.io, 1)
-        plan.weight.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
+        score.weight_proto(self.current, name).CopyFrom(
+            onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
 
     def current_model(self) -> onnx.ModelProto:
         return copy.deepcopy(self.current)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,6 +90,20 @@ def batch_slices(n: int, batch: int) -> list[slice]:
     return [slice(i, min(i + batch, n)) for i in range(0, n, batch)]
 
 
+def input_batches(x: np.ndarray, io: IOInfo, batch: int) -> list[tuple[np.ndarray, int]]:
+    """(batch array, number of real samples in it). A model with a fixed batch dimension gets batches of exactly
+    that size: the last one is padded by repeating its last sample, and the padding's outputs are dropped."""
+    size = io.fixed_batch or batch
+    out = []
+    for s in batch_slices(len(x), size):
+        chunk = x[s]
+        n = len(chunk)
+        if io.fixed_batch and n < size:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - n, axis=0)])
+        out.append((chunk, n))
+    return out
+
+
 def count_correct(outputs: np.ndarray, labels: np.ndarray, metric: str) -> int:
     """Correct predictions in one batch: top-1 (also used for agreement labels) or top-5."""
     logits = outputs.reshape(outputs.shape[0], -1)
@@ -124,7 +138,8 @@ class Plan:
             self.weight.CopyFrom(saved)
 
 
-def _weight_proto(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
+def weight_proto(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
+    """The TensorProto holding constant ``name`` (an initializer or a Constant node's value), to edit in place."""
     tensors = constant_tensors(model)
     if name not in tensors:
         raise KeyError(f"no constant tensor named {name!r} in the model")
@@ -132,9 +147,9 @@ def _weight_proto(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
 
 
 def full_plan(model: onnx.ModelProto, weight: str, x: np.ndarray, io: IOInfo, batch: int) -> Plan:
-    slices = batch_slices(len(x), io.fixed_batch or batch)
-    feeds = [{io.input_name: x[s]} for s in slices]
-    return Plan(model, _weight_proto(model, weight), feeds, [s.stop - s.start for s in slices], "full")
+    batches = input_batches(x, io, batch)
+    feeds = [{io.input_name: chunk} for chunk, _ in batches]
+    return Plan(model, weight_proto(model, weight), feeds, [n for _, n in batches], "full")
 
 
 def _dependents(model: onnx.ModelProto, weight: str) -> set[int]:
@@ -222,24 +237,25 @@ def suffix_plan(model: onnx.ModelProto, weight: str, x: np.ndarray, io: IOInfo, 
         [onnx.helper.make_tensor_value_info(b, value_types[b], None) for b in boundary],
         out_vi,
     )
-    slices = batch_slices(len(x), io.fixed_batch or batch)
+    batches = input_batches(x, io, batch)
     sess = runner.session(prefix)
     feeds: list[dict[str, np.ndarray]] = []
-    total = 0
-    for s in slices:
+    total = done = 0
+    for chunk, n in batches:
         try:
-            values = sess.run(boundary, {io.input_name: x[s]})
+            values = sess.run(boundary, {io.input_name: chunk})
         except Exception as exc:
             log.debug("prefix run failed (%s); full-network scoring", _first_line(exc))
             return None
         feeds.append(dict(zip(boundary, values, strict=True)))
         total += sum(v.nbytes for v in values)
+        done += n
         # extrapolate from what is cached so far: stop early rather than overshoot the budget
-        if total * len(x) / s.stop > budget_bytes:
+        if total * len(x) / done > budget_bytes:
             log.info("cached activations for %s would exceed the %d MB cache budget; full-network scoring",
                      weight, budget_bytes >> 20)
             return None
-    return Plan(suffix, _weight_proto(suffix, weight), feeds, [s.stop - s.start for s in slices], "suffix")
+    return Plan(suffix, weight_proto(suffix, weight), feeds, [n for _, n in batches], "suffix")
 
 
 def value_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -278,7 +294,7 @@ def evaluate(plan: Plan, runner: Runner, output: str, array: np.ndarray, labels:
     correct = seen = 0
     start = 0
     for feeds, size in zip(plan.feeds, plan.sizes, strict=True):
-        out = runner.run(sess, output, feeds)
+        out = runner.run(sess, output, feeds)[:size]
         correct += count_correct(out, labels[start:start + size], metric)
         start += size
         seen += size
@@ -290,14 +306,22 @@ def evaluate(plan: Plan, runner: Runner, output: str, array: np.ndarray, labels:
 def outputs_of(plan: Plan, runner: Runner, output: str, array: np.ndarray | None) -> np.ndarray:
     """All outputs of the plan's model (weight replaced by ``array`` unless None), concatenated."""
     sess = runner.session(plan.model if array is None else plan.serialize_with(array))
-    return np.concatenate([runner.run(sess, output, f) for f in plan.feeds], axis=0)
+    return np.concatenate([runner.run(sess, output, f)[:n] for f, n in zip(plan.feeds, plan.sizes, strict=True)])
 
 
-def run_model(model: onnx.ModelProto | bytes, runner: Runner, io: IOInfo, x: np.ndarray, batch: int,
-              on_batch: Callable[[int], None] | None = None) -> Iterator[np.ndarray]:
-    """Outputs of a whole model over ``x``, batch by batch."""
+def run_model(model: onnx.ModelProto | bytes, runner: Runner, io: IOInfo, x: np.ndarray,
+              batch: int) -> Iterator[np.ndarray]:
+    """Outputs of a whole model over ``x``, batch by batch (padding dropped)."""
     sess = runner.session(model)
-    for s in batch_slices(len(x), io.fixed_batch or batch):
-        yield runner.run(sess, io.output_name, {io.input_name: x[s]})
-        if on_batch:
-            on_batch(s.stop - s.start)
+    for chunk, n in input_batches(x, io, batch):
+        yield runner.run(sess, io.output_name, {io.input_name: chunk})[:n]
+
+
+def count_all(model: onnx.ModelProto | bytes, runner: Runner, io: IOInfo, x: np.ndarray, labels: np.ndarray,
+              metric: str, batch: int) -> int:
+    """Correct predictions of a whole model over ``x``."""
+    correct = start = 0
+    for out in run_model(model, runner, io, x, batch):
+        correct += count_correct(out, labels[start:start + len(out)], metric)
+        start += len(out)
+    return correct

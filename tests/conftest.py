@@ -62,8 +62,9 @@ def tiny_data(model: onnx.ModelProto, n: int = 120, seed: int = 1, noise: float 
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     shape = model.graph.input[0].type.tensor_type.shape.dim[0]
     if shape.HasField("dim_value") and shape.dim_value > 0:
-        out = np.concatenate([sess.run(None, {"x": x[i:i + shape.dim_value]})[0]
-                              for i in range(0, n, shape.dim_value)])
+        b = shape.dim_value
+        padded = np.concatenate([x, np.zeros(((-n) % b, *x.shape[1:]), x.dtype)])
+        out = np.concatenate([sess.run(None, {"x": padded[i:i + b]})[0] for i in range(0, len(padded), b)])[:n]
     else:
         out = sess.run(None, {"x": x})[0]
     y = out.argmax(1).astype(np.int64)

@@ -24,14 +24,19 @@ LAYER_KEYS = {"name", "op_type", "shape", "weights", "k", "index_bits", "inertia
 
 def _run(session, x, batch=None):
     name = session.get_inputs()[0].name
-    if batch:
-        return np.concatenate([session.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+    if batch:  # a fixed batch dimension: pad the last batch
+        pad = np.concatenate([x, np.repeat(x[-1:], (-len(x)) % batch, axis=0)])
+        return np.concatenate([session.run(None, {name: pad[i:i + batch]})[0]
+                               for i in range(0, len(pad), batch)])[:len(x)]
     return session.run(None, {name: x})[0]
 
 
-@pytest.mark.parametrize("variant", ["plain", "batch1", "constant", "ir3", "opset21", "kl", "top5", "agreement"])
+VARIANTS = ["plain", "batch1", "batch3", "constant", "ir3", "opset21", "kl", "top5", "agreement"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_compress_end_to_end(variant, tmp_path):
-    kwargs = {"batch": 1} if variant == "batch1" else {}
+    kwargs = {"batch": int(variant[-1])} if variant.startswith("batch") else {}
     if variant == "constant":
         kwargs = {"constant_weight": True}
     if variant == "ir3":
@@ -60,7 +65,7 @@ def test_compress_end_to_end(variant, tmp_path):
     onnx.checker.check_model(written, full_check=True)
     # outputs equal the same model with the clustered weights written densely
     dense = rewrite.replace_weights(model, rewrite.decode(written))
-    batch = 1 if variant == "batch1" else None
+    batch = kwargs.get("batch")
     s_shared = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     s_dense = ort.InferenceSession(dense.SerializeToString(), providers=["CPUExecutionProvider"])
     got, ref = _run(s_shared, x, batch), _run(s_dense, x, batch)
