@@ -159,3 +159,17 @@ def test_inspect_and_expand_commands(tiny_files, tmp_path):
     assert r.exit_code == 1 and "not an axcnn" in r.output and not (tmp_path / "e.onnx").exists()
     r = CliRunner().invoke(main, ["expand", str(out), "-o", str(out)])
     assert r.exit_code == 1 and "is the input model" in r.output
+
+
+@pytest.mark.parametrize("kmeans", ["exact", "faiss"])
+def test_device_cuda_falls_back_to_cpu(kmeans, tiny_files, tmp_path, caplog):
+    """No machine here has a GPU: --device cuda must run the whole job on the CPU and say so."""
+    if kmeans == "faiss":
+        pytest.importorskip("faiss")
+    mp, dp = tiny_files
+    with caplog.at_level("INFO", logger="axcnn"):
+        rep = compress(mp, dp, tmp_path / "o.onnx", None,
+                       CompressConfig(device="cuda", kmeans=kmeans, **CFG)).report
+    assert rep["tool"]["providers"] == ["CPUExecutionProvider"]
+    assert "falling back to the CPU" in caplog.text
+    onnx.checker.check_model(onnx.load(str(tmp_path / "o.onnx")))

@@ -90,3 +90,32 @@ def test_suffix_plan_matches_full_network_outputs():
     assert score.suffix_plan(work, "w2", x, io, 16, runner, 0, types) is None
     # the first layer gains nothing from a cut
     assert score.suffix_plan(work, "w1", x, io, 16, runner, 1 << 30, types) is None
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("name", ["cifar10_resnet8_tiny", "cifar10_squeezenet_nhwc"])
+def test_fast_scoring_identical_on_real_models(name):
+    """On real third-party graphs (residual adds, Concat fire modules, batch fixed to 1), suffix scoring on cached
+    activations and early stopping choose the same K per layer with the same correct counts as plain scoring."""
+    from conftest import REALDATA, realdata_manifest
+
+    from axcnn.data import Preprocess, load_npz, prepare, stratified_subset
+    from axcnn.model import load_model
+
+    man = realdata_manifest()
+    entry = man["models"][name]
+    model = load_model(REALDATA / entry["file"])
+    io = io_info(model)
+    x, y = load_npz(REALDATA / man["datasets"][entry["dataset"]]["file"])
+    idx = stratified_subset(y, 120, seed=0)
+    pre = Preprocess(scale=entry["scale"], mean=tuple(entry["mean"]), std=tuple(entry["std"]), layout=entry["layout"])
+    data = prepare(x[idx], y[idx], pre, io.input_shape, io.input_dtype)
+    runs = {}
+    for fast in (False, True):
+        config = CompressConfig(kmin=3, kmax=8, filter=0.5, fast_scoring=fast, early_stop=fast, batch_size=64)
+        explorer = Explorer(model, io, data.x, data.y, config, ["CPUExecutionProvider"])
+        runs[fast] = greedy(explorer, inventory(model, config.min_weights)[0])
+    plain, fast = runs[False], runs[True]
+    assert [(d.spec.name, d.chosen.k, d.chosen.correct) for d in fast.decisions] == \
+        [(d.spec.name, d.chosen.k, d.chosen.correct) for d in plain.decisions]
+    assert sum(d.plan == "suffix" for d in fast.decisions) >= len(fast.decisions) - 1
