@@ -152,7 +152,10 @@ def compress(model, data, output, report_path, kmin, kmax, filter_, estimator, c
         preprocess = Preprocess(**{k: v for k, v in pre.items() if v is not None})
         out = Path(output) if output else default_output(model)
         rep_path = Path(report_path) if report_path else out.with_name(out.name.removesuffix(".onnx") + ".report.json")
-        result = run(model, data, out, rep_path, config, preprocess, output_name, progress)
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm(loggers=[log]):  # log lines go above the bars, not through them
+            result = run(model, data, out, rep_path, config, preprocess, output_name, progress)
     except (AxcnnError, ValueError) as exc:
         progress.close()
         _fail(str(exc))
