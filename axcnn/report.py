@@ -133,6 +133,7 @@ def write_json(report: dict, path: str | os.PathLike) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(report, f, indent=2)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; a report is for sharing
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
