@@ -137,6 +137,15 @@ def compress(
     t_final = time.perf_counter()
     file_bytes_after = rewrite.write_model(out_model, output, external_data=external)
     written = load_model(output)
+    try:
+        rewrite.verify(written, shared)  # the file on disk, not just the model in memory, decodes exactly
+    except Exception as exc:
+        for f in model_files(output, onnx.load(str(output), load_external_data=False)):
+            f.unlink(missing_ok=True)
+        if isinstance(exc, AxcnnError):
+            raise
+        raise AxcnnError(f"the written file {output} does not decode to the clustered weights "
+                         f"({type(exc).__name__}: {exc}); it was removed") from exc
     final_correct = score.count_all(written, explorer.runner, io, data.x, explorer.labels, config.metric,
                                     config.batch_size)
     final_s = time.perf_counter() - t_final

@@ -123,6 +123,28 @@ def test_failed_decode_check_writes_nothing(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "m.onnx"]
 
 
+def test_written_file_that_does_not_decode_is_removed(tmp_path, monkeypatch):
+    """The check runs on the file read back from disk too: a write that corrupts the indices leaves no output."""
+    model = tiny_cnn()
+    x, y = tiny_data(model)
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    real_write = rewrite.write_model
+
+    def corrupting_write(m, path, **kw):
+        bad = onnx.ModelProto()
+        bad.CopyFrom(m)
+        q = next(t for t in bad.graph.initializer if t.name.endswith(".q"))
+        q.raw_data = bytes(b ^ 0xFF for b in q.raw_data)
+        return real_write(bad, path, **kw)
+
+    monkeypatch.setattr(rewrite, "write_model", corrupting_write)
+    with pytest.raises(AxcnnError, match="differ|does not decode"):
+        compress(tmp_path / "m.onnx", tmp_path / "d.npz", tmp_path / "o.onnx", tmp_path / "r.json",
+                 CompressConfig(**CFG))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "m.onnx"]
+
+
 def test_limit_scores_a_stratified_subset(tmp_path):
     model = tiny_cnn()
     x, y = tiny_data(model, n=100)
