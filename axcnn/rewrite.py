@@ -1,10 +1,9 @@
 """Rewrite an ONNX model so that clustered weights are stored as (bit-packed) indices plus centroids.
 
-The written model runs on stock onnxruntime (CPU): every shared weight is rebuilt by a small decode
-subgraph made of standard ONNX ops whose inputs are all initializers, so onnxruntime's constant
-folding (any graph optimisation level >= BASIC) evaluates it once when the session is created and
-inference costs nothing extra. The final decode node outputs the original weight name, so the nodes
-that consume the weight are untouched.
+The written model runs on stock onnxruntime (CPU): every shared weight is rebuilt by a small decode made of
+standard ONNX ops whose inputs are all initializers, so onnxruntime's constant folding (any graph optimisation
+level >= BASIC) evaluates it once when the session is created and inference costs nothing extra. The decode
+outputs the original weight name, so the nodes that consume the weight are untouched.
 
 Encodings (``n`` weights, ``K`` centroids, ``b = ceil(log2 K)`` index bits, ``opset`` = default-domain
 opset of the model):
@@ -32,18 +31,44 @@ opset of the model):
     ``MatMul`` has one from opset 9 (onnxruntime CPU implements all of them), so the arithmetic is
     done in int32; ``Gather`` takes int32 indices. Index bytes are ``m * b <= n * b / 8 + b``.
 
-Helper constants (``P``, the scalar 2, the bit-weight columns, Slice/Reshape constants) are stored once
-per model and shared by all layers. New names start with a prefix (``ax`` unless that collides):
-``ax{i}.q`` indices, ``ax{i}.c`` centroids, ``ax{i}.s`` shape, ``ax{i}.{j}`` intermediates; decode
-nodes are named ``axcnn/{i}/{j}`` (layer ``i``, node ``j``). The per-layer records live in
-``model.metadata_props["axcnn.layers"]``. For IR < 4 models (where every initializer must also be a graph
-input) the new tensors are listed as graph inputs too; onnxruntime treats them as constants at IR < 4.
+Where the decode lives (IR = the model's ``ir_version``):
 
-Costs: about 300 bytes of graph protobuf per ``planes`` layer (~100 for ``uint8``/``uint4``/``broadcast``)
-plus ~200 bytes of JSON metadata, and ~60 bytes of shared helpers per model. While the session folds a
-``planes`` layer, onnxruntime holds int32 intermediates of ``4 * n * b`` bytes (about ``b`` times the dense
-float32 weight), freed once folding is done. Folding needs graph optimisations enabled (ORT_ENABLE_BASIC or
-higher); with ORT_DISABLE_ALL the decode would run on every inference.
+IR >= 4: model-local functions
+    Each recipe above is one ``FunctionProto`` of domain ``ai.axcnn`` (version 1, imported by the model;
+    the body imports the model's default opset): ``planes{b}``, ``planes{b}_n`` (n % 8 != 0), ``uint8``,
+    ``uint4``, ``broadcast``, ``broadcast0`` (0-d). Formal inputs are named by role: ``q`` indices, ``c``
+    centroids, ``s`` int64 shape, ``n`` the [1] int64 weight count for ``Slice`` (opset >= 10; below
+    opset 10 ``Slice`` takes ``ends`` as an attribute, so the call node carries an ``n`` attribute that
+    the body references). ``P``, 2, ``W`` and the Reshape/Slice constants are ``Constant`` nodes in the
+    body (opset 8, whose ``Constant`` holds only floats: a float ``Constant`` + ``Cast``). Each layer is ONE
+    unnamed call node ``ai.axcnn.<recipe>(q, c[, s[, n]]) -> weight name``. onnxruntime inlines the
+    functions, then folds them like inline nodes (its optimized model keeps no ``ai.axcnn`` node and no
+    decode op). Functions need IR >= 8: a model with IR 4..7 is raised to IR 8 (no semantic change for
+    IR >= 4; logged at INFO, the original IR is recorded in the metadata and :func:`expand` restores it).
+IR < 4: inline nodes
+    IR 3 allows no functions, so each layer gets its decode nodes in the main graph, named
+    ``axcnn/{i}/{j}`` (layer ``i``, node ``j``), intermediates ``ax{i}.{j}``, and the helper constants are
+    initializers shared by all layers (``ax.p``, ``ax.2``, ``ax.w{b}``/``ax.v{b}``, ``ax.f``, ``ax.0``).
+    IR < 4 requires every initializer to be a graph input, so the new tensors are listed as graph inputs
+    too; onnxruntime treats them as constants at IR < 4. (Files written by axcnn before the functions used
+    this layout at every IR; they are still read, decoded and expanded.)
+
+New names start with a prefix (``ax`` unless that collides): ``ax{i}.q`` indices and ``ax{i}.c`` centroids
+of layer ``i``; ``ax.s{j}`` int64 shapes and ``ax.n{j}`` weight counts, one per distinct value, shared by
+the layers that need it. ``model.metadata_props["axcnn.layers"]`` holds only what the graph cannot tell,
+as compact JSON: ``{"layers":[[name,K],...]}`` in layer order, plus ``"ir":7`` when the IR was raised.
+:func:`shared_layers` rebuilds the full per-layer records from the graph (the call or final inline node
+that outputs the layer name, its input tensors' dims, dtypes and byte sizes); the older verbose metadata
+(a list of full records) is still read as stored.
+
+Costs, measured on cifar10_resnet56 (56 ``planes`` layers, opset 13, IR 7 -> 8, K 15-16): about 126 bytes
+per layer in all (7.0 KB; before the functions: 29.4 KB, 524 bytes per layer): the call node ~56 bytes
+with a 14-character weight name, the ``q``/``c`` tensor headers ~40, the metadata ~23, plus per model
+~300 bytes per function used and ~20 per distinct shape. The inline path (IR < 4) costs ~490 bytes per
+layer at opset 8 (names, graph inputs, 9 nodes). While the session folds a ``planes`` layer, onnxruntime
+holds int32 intermediates of ``4 * n * b`` bytes (about ``b`` times the dense float32 weight), freed once
+folding is done. Folding needs graph optimisations enabled (ORT_ENABLE_BASIC or higher); with
+ORT_DISABLE_ALL the decode would run on every inference.
 """
 
 from __future__ import annotations
@@ -88,7 +113,13 @@ METADATA_PREFIX = "axcnn."
 """Metadata keys with this prefix are removed by :func:`expand`."""
 
 NODE_PREFIX = "axcnn/"
-"""Every decode node's name starts with this."""
+"""Every inline decode node's name starts with this (IR < 4 models, and files written before functions)."""
+
+FUNCTION_DOMAIN = "ai.axcnn"
+"""Domain of the model-local decode functions (and of their call nodes)."""
+
+_FUNCTION_IR = 8
+"""Model-local functions need IR >= 8."""
 
 _MIN_OPSET = 8
 _MAX_PROTO_BYTES = 2**31 - 1
@@ -333,27 +364,169 @@ def _pack_planes(indices: np.ndarray, bits: int) -> np.ndarray:
     return q
 
 
-class _Builder:
-    """Accumulates the decode nodes / initializers of one model."""
+def _small_tensor(name: str, value: np.ndarray) -> TensorProto:
+    """A small constant tensor stored as varints / floats (not raw bytes)."""
+    return helper.make_tensor(name, helper.np_dtype_to_tensor_dtype(value.dtype), value.shape, value.ravel().tolist())
 
-    def __init__(self, prefix: str, opset: int, ir_version: int):
+
+def _make_node(op: str, inputs: Sequence[str], output: str, name: str, attrs: Mapping) -> onnx.NodeProto:
+    """A node; attribute values that already are AttributeProtos (e.g. references) are used as they are."""
+    plain = {k: v for k, v in attrs.items() if not isinstance(v, onnx.AttributeProto)}
+    node = helper.make_node(op, list(inputs), [output], name=name or None, **plain)
+    for key, value in attrs.items():
+        if isinstance(value, onnx.AttributeProto):
+            attr = node.attribute.add()
+            attr.CopyFrom(value)
+            attr.name = key
+    return node
+
+
+class _InlineEmitter:
+    """Writes one layer's decode nodes into the main graph (IR < 4 models)."""
+
+    def __init__(self, builder: _Builder, i: int):
+        self.builder = builder
+        self.i = i
+        self.count = 0
+
+    def node(self, op: str, inputs: Sequence[str], output: str | None = None, **attrs) -> str:
+        j = self.count
+        self.count += 1
+        out = output if output is not None else f"{self.builder.prefix}{self.i}.{j}"
+        self.builder.nodes.append(_make_node(op, inputs, out, f"{NODE_PREFIX}{self.i}/{j}", attrs))
+        return out
+
+    def const(self, key: str, value: np.ndarray) -> str:
+        return self.builder.helper_const(key, value)
+
+
+class _BodyEmitter:
+    """Writes the nodes of a function body; helper constants become ``Constant`` nodes inside it."""
+
+    def __init__(self, opset: int):
+        self.opset = opset
+        self.nodes: list[onnx.NodeProto] = []
+        self.count = 0
+        self.consts: set[str] = set()
+
+    def node(self, op: str, inputs: Sequence[str], output: str | None = None, **attrs) -> str:
+        out = output if output is not None else f"t{self.count}"
+        self.count += 1
+        self.nodes.append(_make_node(op, inputs, out, "", attrs))
+        return out
+
+    def const(self, key: str, value: np.ndarray) -> str:
+        if key not in self.consts:
+            self.consts.add(key)
+            if self.opset >= 9:
+                self.nodes.append(helper.make_node("Constant", [], [key], value=_small_tensor("", value)))
+            else:  # Constant-1 holds only floats: store the (small, exact) integers as float, then Cast
+                as_float = _small_tensor("", value.astype(np.float32))
+                self.nodes.append(helper.make_node("Constant", [], [f"{key}f"], value=as_float))
+                to = helper.np_dtype_to_tensor_dtype(value.dtype)
+                self.nodes.append(helper.make_node("Cast", [f"{key}f"], [key], to=to))
+        return key
+
+
+def _ref_attr(ref: str, attr_type: int) -> onnx.AttributeProto:
+    """A function-body attribute that takes the call node's attribute ``ref``."""
+    attr = onnx.AttributeProto()
+    attr.ref_attr_name = ref
+    attr.type = attr_type
+    return attr
+
+
+def _emit_decode(
+    em, opset: int, encoding: str, bits: int, roles: Mapping[str, str], out: str, *, scalar: bool = False, ends=None
+) -> None:
+    """The decode recipe of one encoding (module docstring), written through ``em``.
+
+    ``roles`` names the values: ``q`` indices, ``c`` centroids, ``s`` int64 shape, ``n`` the [1] int64 weight
+    count for the opset >= 10 ``Slice`` (only when n % 8 != 0). ``ends`` is the opset < 10 ``Slice`` ``ends``
+    attribute (a list, or a reference to the function attribute ``n``); ``scalar`` marks a 0-d broadcast weight.
+    """
+    if encoding == "broadcast":
+        # Expand broadcasts [1] against the shape, so a 0-d weight needs a Reshape to [] instead
+        em.node("Reshape" if scalar else "Expand", [roles["c"], roles["s"]], out)
+        return
+    x = em.node("Cast", [roles["q"]], to=TensorProto.INT32)
+    if encoding == "planes":
+        powers = em.const("p", _powers(8).reshape(8, 1))
+        two = em.const("2", np.array(2, dtype=np.int32))
+        s = em.node("Div", [x, powers])
+        if opset >= 10:
+            t = em.node("Mod", [s, two])
+        else:
+            t = em.node("Sub", [s, em.node("Mul", [em.node("Div", [s, two]), two])])
+        if _op_ok("MatMul", opset, "tensor(int32)"):
+            x = em.node("MatMul", [t, em.const(f"w{bits}", _powers(bits).reshape(bits, 1))])
+        else:
+            vec = em.const(f"v{bits}", _powers(bits))
+            x = em.node("ReduceSum", [em.node("Mul", [t, vec])], axes=[2], keepdims=1)
+        if "n" in roles or ends is not None:
+            x = em.node("Reshape", [x, em.const("f", np.array([-1], dtype=np.int64))])
+            if opset >= 10:
+                x = em.node("Slice", [x, em.const("0", np.array([0], dtype=np.int64)), roles["n"]])
+            else:
+                x = em.node("Slice", [x], starts=[0], ends=ends)
+        x = em.node("Reshape", [x, roles["s"]])
+    em.node("Gather", [roles["c"], x], out)
+
+
+class _Builder:
+    """Accumulates the decode nodes / functions / initializers of one model."""
+
+    def __init__(self, prefix: str, opset: int, ir_version: int, use_functions: bool):
         self.prefix = prefix
         self.opset = opset
         self.ir_version = ir_version
+        self.use_functions = use_functions
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
+        self.functions: dict[str, onnx.FunctionProto] = {}
         self._helpers: dict[str, str] = {}
+        self._shapes: dict[tuple[int, ...], str] = {}
+        self._counts: dict[int, str] = {}
 
-    def helper_const(self, key: str, make) -> str:
+    def helper_const(self, key: str, value: np.ndarray) -> str:
         name = f"{self.prefix}.{key}"
         if key not in self._helpers:
-            value = make()
-            tensor = helper.make_tensor(
-                name, helper.np_dtype_to_tensor_dtype(value.dtype), value.shape, value.ravel().tolist()
-            )
-            self.inits.append(tensor)
+            self.inits.append(_small_tensor(name, value))
             self._helpers[key] = name
         return name
+
+    def shape_tensor(self, shape: tuple[int, ...]) -> str:
+        """The int64 shape initializer ``{prefix}.s{j}``, one per distinct weight shape."""
+        if shape not in self._shapes:
+            name = f"{self.prefix}.s{len(self._shapes)}"
+            self.inits.append(_int64_tensor(name, shape))
+            self._shapes[shape] = name
+        return self._shapes[shape]
+
+    def count_tensor(self, n: int) -> str:
+        """The [1] int64 initializer ``{prefix}.n{j}`` holding ``n``, one per distinct value."""
+        if n not in self._counts:
+            name = f"{self.prefix}.n{len(self._counts)}"
+            self.inits.append(_int64_tensor(name, [n]))
+            self._counts[n] = name
+        return self._counts[n]
+
+    def function(self, fname: str, inputs: list[str], encoding: str, bits: int, scalar: bool, ends) -> None:
+        """Define the model-local function ``fname`` (once) with formal inputs named by their roles."""
+        if fname in self.functions:
+            return
+        em = _BodyEmitter(self.opset)
+        _emit_decode(em, self.opset, encoding, bits, {r: r for r in inputs}, "w", scalar=scalar, ends=ends)
+        attributes = ["n"] if isinstance(ends, onnx.AttributeProto) else []
+        self.functions[fname] = helper.make_function(
+            FUNCTION_DOMAIN,
+            fname,
+            inputs,
+            ["w"],
+            em.nodes,
+            [helper.make_opsetid("", self.opset)],
+            attributes=attributes,
+        )
 
     def layer(self, i: int, sw: SharedWeight, shape: tuple[int, ...], elem_type: int) -> StoredLayer:
         p = f"{self.prefix}{i}"
@@ -363,62 +536,47 @@ class _Builder:
         values = _as_dtype(sw.centroids, elem_type, f"centroids of {sw.name!r}")
         centroids = numpy_helper.from_array(values, f"{p}.c")
         self.inits.append(centroids)
-        count = [0]
-
-        def node(op: str, inputs: list[str], output: str | None = None, **attrs) -> str:
-            j = count[0]
-            count[0] += 1
-            out = output if output is not None else f"{p}.{j}"
-            self.nodes.append(helper.make_node(op, inputs, [out], name=f"{NODE_PREFIX}{i}/{j}", **attrs))
-            return out
-
-        def shape_const() -> str:
-            self.inits.append(_int64_tensor(f"{p}.s", shape))
-            return f"{p}.s"
-
+        q = None
         if k == 1:
-            # Expand broadcasts [1] against the shape, so a 0-d weight needs a Reshape to [] instead
-            node("Expand" if shape else "Reshape", [centroids.name, shape_const()], sw.name)
-            return StoredLayer(sw.name, k, 0, "broadcast", 0, len(centroids.raw_data))
-
-        idx = sw.indices
-        if bits == 8:
-            q = numpy_helper.from_array(idx.astype(np.uint8), f"{p}.q")
+            encoding = "broadcast"
+        elif bits == 8:
+            q = numpy_helper.from_array(sw.indices.astype(np.uint8), f"{p}.q")
             encoding = "uint8"
         elif bits == 4 and self.opset >= 21 and self.ir_version >= 10 and _op_ok("Cast", self.opset, _UINT4):
-            q = numpy_helper.from_array(idx.astype(ml_dtypes.uint4), f"{p}.q")
+            q = numpy_helper.from_array(sw.indices.astype(ml_dtypes.uint4), f"{p}.q")
             encoding = "uint4"
         else:
-            q = numpy_helper.from_array(_pack_planes(idx, bits), f"{p}.q")
+            q = numpy_helper.from_array(_pack_planes(sw.indices, bits), f"{p}.q")
             encoding = "planes"
-        self.inits.append(q)
-        x = node("Cast", [q.name], to=TensorProto.INT32)
-        if encoding == "planes":
-            powers = self.helper_const("p", lambda: _powers(8).reshape(8, 1))
-            two = self.helper_const("2", lambda: np.array(2, dtype=np.int32))
-            s = node("Div", [x, powers])
+        roles = {"c": centroids.name}
+        if q is not None:
+            self.inits.append(q)
+            roles = {"q": q.name, **roles}
+        scalar = not shape
+        ends = None
+        if encoding in ("broadcast", "planes"):
+            roles["s"] = self.shape_tensor(shape)
+        if encoding == "planes" and n % 8:
             if self.opset >= 10:
-                t = node("Mod", [s, two])
+                roles["n"] = self.count_tensor(n)
             else:
-                t = node("Sub", [s, node("Mul", [node("Div", [s, two]), two])])
-            if _op_ok("MatMul", self.opset, "tensor(int32)"):
-                col = self.helper_const(f"w{bits}", lambda: _powers(bits).reshape(bits, 1))
-                x = node("MatMul", [t, col])
+                ends = [n]
+        if not self.use_functions:
+            _emit_decode(_InlineEmitter(self, i), self.opset, encoding, bits, roles, sw.name, scalar=scalar, ends=ends)
+        else:
+            attrs = {}
+            if encoding == "planes":
+                fname = f"planes{bits}" + ("_n" if n % 8 else "")
+                if isinstance(ends, list):
+                    attrs["n"] = ends
+                    ends = _ref_attr("n", onnx.AttributeProto.INTS)
             else:
-                vec = self.helper_const(f"v{bits}", lambda: _powers(bits))
-                x = node("ReduceSum", [node("Mul", [t, vec])], axes=[2], keepdims=1)
-            if n % 8:
-                flat = self.helper_const("f", lambda: np.array([-1], dtype=np.int64))
-                x = node("Reshape", [x, flat])
-                if self.opset >= 10:
-                    zero = self.helper_const("0", lambda: np.array([0], dtype=np.int64))
-                    self.inits.append(_int64_tensor(f"{p}.n", [n]))
-                    x = node("Slice", [x, zero, f"{p}.n"])
-                else:
-                    x = node("Slice", [x], starts=[0], ends=[n])
-            x = node("Reshape", [x, shape_const()])
-        node("Gather", [centroids.name, x], sw.name)
-        return StoredLayer(sw.name, k, bits, encoding, len(q.raw_data), len(centroids.raw_data))
+                fname = "broadcast0" if encoding == "broadcast" and scalar else encoding
+            self.function(fname, list(roles), encoding, bits, scalar, ends)
+            call = helper.make_node(fname, list(roles.values()), [sw.name], domain=FUNCTION_DOMAIN, **attrs)
+            self.nodes.append(call)
+        index_bytes = 0 if q is None else len(q.raw_data)
+        return StoredLayer(sw.name, k, bits, encoding, index_bytes, len(centroids.raw_data))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -466,12 +624,15 @@ def share_weights(
     shared: Sequence[SharedWeight],
     metadata: Mapping[str, str] | None = None,
 ) -> tuple[onnx.ModelProto, list[StoredLayer]]:
-    """Write ``shared`` into a copy of ``model`` as index + centroid tensors with a decode subgraph.
+    """Write ``shared`` into a copy of ``model`` as index + centroid tensors with an in-graph decode.
 
-    Returns the new model and what each layer takes in the file. The input model is not modified.
+    Each layer is decoded by one call of a model-local ``ai.axcnn`` function (IR 4..7 is raised to 8 for
+    them), or by inline decode nodes in an IR < 4 model (module docstring). Returns the new model and what
+    each layer takes in the file. The input model is not modified.
     ``metadata`` entries are merged into ``metadata_props`` (keys prefixed ``axcnn.`` are dropped again
-    by :func:`expand`). Raises AxcnnError for unknown weight names, too old opsets or an already shared
-    model, ValueError when a clustering does not fit its weight (dtype, shape, index range).
+    by :func:`expand`). Raises AxcnnError for unknown weight names, too old opsets, an already shared
+    model or one that already uses the ``ai.axcnn`` domain, ValueError when a clustering does not fit its
+    weight (dtype, shape, index range).
     """
     opset = _default_opset(model)
     if opset < _MIN_OPSET:
@@ -485,12 +646,19 @@ def share_weights(
     if len(set(names)) != len(names):
         raise ValueError("a weight is listed more than once")
 
+    ir_version = int(model.ir_version)
+    use_functions = ir_version >= 4
+    if use_functions and (
+        any(o.domain == FUNCTION_DOMAIN for o in model.opset_import)
+        or any(f.domain == FUNCTION_DOMAIN for f in model.functions)
+    ):
+        raise AxcnnError(f"the model already uses the function domain {FUNCTION_DOMAIN!r}")
+
     out = _copy(model)
     graph = out.graph
     weights = _Weights(graph)
-    builder = _Builder(_pick_prefix(_all_names(model)), opset, int(model.ir_version))
+    builder = _Builder(_pick_prefix(_all_names(model)), opset, ir_version, use_functions)
     stored: list[StoredLayer] = []
-    records: list[dict] = []
     drop_inits: set[int] = set()
     drop_nodes: set[int] = set()
     for i, sw in enumerate(shared):
@@ -516,20 +684,6 @@ def share_weights(
             )
         layer = builder.layer(i, sw, shape, elem_type)
         stored.append(layer)
-        records.append(
-            {
-                "name": sw.name,
-                "k": layer.k,
-                "index_bits": layer.index_bits,
-                "encoding": layer.encoding,
-                "shape": list(shape),
-                "dtype": _dtype_name(elem_type),
-                "index_tensor": None if layer.encoding == "broadcast" else f"{builder.prefix}{i}.q",
-                "centroid_tensor": f"{builder.prefix}{i}.c",
-                "index_bytes": layer.index_bytes,
-                "centroid_bytes": layer.centroid_bytes,
-            }
-        )
         if sw.name in weights.inits:
             drop_inits.add(weights.inits[sw.name])
         else:
@@ -561,7 +715,19 @@ def share_weights(
             helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in builder.inits
         )
 
-    metadata[LAYERS_KEY] = json.dumps(records, separators=(",", ":"))
+    layers: dict = {"layers": [[layer.name, layer.k] for layer in stored]}
+    if builder.functions:
+        out.functions.extend(builder.functions.values())
+        out.opset_import.append(helper.make_opsetid(FUNCTION_DOMAIN, 1))
+        if ir_version < _FUNCTION_IR:
+            logger.info(
+                "raising the IR version from %d to %d for the decode functions (no semantic change)",
+                ir_version,
+                _FUNCTION_IR,
+            )
+            out.ir_version = _FUNCTION_IR
+            layers["ir"] = ir_version
+    metadata[LAYERS_KEY] = json.dumps(layers, separators=(",", ":"))
     _merge_metadata(out, metadata)
     return out, stored
 
@@ -591,23 +757,164 @@ def _merge_metadata(model: onnx.ModelProto, metadata: Mapping[str, str]) -> None
             existing[key] = entry
 
 
+def _layers_meta(model: onnx.ModelProto):
+    """The parsed ``axcnn.layers`` JSON, or None for a plain model."""
+    for p in model.metadata_props:
+        if p.key == LAYERS_KEY:
+            try:
+                return json.loads(p.value)
+            except json.JSONDecodeError as exc:
+                raise AxcnnError(f"the model's {LAYERS_KEY} metadata is not valid JSON: {exc}") from exc
+    return None
+
+
+def _compact_layers(meta) -> list[tuple[str, int]] | None:
+    """``[(name, k), ...]`` of the compact metadata format, None for the old verbose one (list of records)."""
+    if isinstance(meta, list) and all(isinstance(r, dict) and "name" in r for r in meta):
+        return None
+    layers = meta.get("layers") if isinstance(meta, dict) else None
+    if not isinstance(layers, list) or not all(
+        isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) and isinstance(e[1], int) for e in layers
+    ):
+        raise AxcnnError(f"the model's {LAYERS_KEY} metadata is neither a list of layer records nor a layer list")
+    return [(name, k) for name, k in layers]
+
+
+def _is_decode_node(node: onnx.NodeProto) -> bool:
+    """A call node of a decode function, or an inline decode node (IR < 4 models and older files)."""
+    if node.domain == FUNCTION_DOMAIN:
+        return True
+    return node.domain in ("", "ai.onnx") and node.name.startswith(NODE_PREFIX)
+
+
+def _stored_bytes(t: TensorProto) -> int:
+    """Bytes of a tensor's data as stored (raw bytes, or the length of its external data)."""
+    if t.raw_data:
+        return len(t.raw_data)
+    if _is_external(t):
+        entries = {e.key: e.value for e in t.external_data}
+        if "length" in entries:
+            return int(entries["length"])
+    count = int(np.prod(t.dims, dtype=np.int64))
+    if t.data_type in (TensorProto.UINT4, TensorProto.INT4):
+        return (count + 1) // 2
+    return count * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+
+
+class _Graph:
+    """Lookup tables of a shared model's main graph."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.graph = model.graph
+        self.producer: dict[str, int] = {}
+        for i, node in enumerate(model.graph.node):
+            for o in node.output:
+                self.producer[o] = i
+        self.inits = {t.name: t for t in model.graph.initializer}
+        self.functions = {f.name: f for f in model.functions if f.domain == FUNCTION_DOMAIN}
+
+    def decode_node(self, name: str) -> tuple[int, onnx.NodeProto]:
+        """The decode node producing ``name``."""
+        idx = self.producer.get(name)
+        if idx is None or not _is_decode_node(self.graph.node[idx]):
+            raise AxcnnError(f"shared weight value {name!r} is not produced by an axcnn decode node")
+        return idx, self.graph.node[idx]
+
+    def function(self, node: onnx.NodeProto) -> onnx.FunctionProto:
+        func = self.functions.get(node.op_type)
+        if func is None:
+            raise AxcnnError(f"the model has no decode function {FUNCTION_DOMAIN}.{node.op_type}")
+        return func
+
+    def init(self, name: str, layer: str) -> TensorProto:
+        if name not in self.inits:
+            raise AxcnnError(f"decode input {name!r} of layer {layer!r} is not an initializer")
+        return self.inits[name]
+
+    def roles(self, layer: str) -> dict[str, str]:
+        """Index / centroid / shape tensor names (``q`` / ``c`` / ``s``) of one layer, read from its decode."""
+        _, node = self.decode_node(layer)
+        if node.domain == FUNCTION_DOMAIN:
+            func = self.function(node)
+            if len(func.input) != len(node.input):
+                raise AxcnnError(f"decode call of layer {layer!r} does not match function {func.name}")
+            return dict(zip(func.input, node.input, strict=True))
+        roles = {"c": node.input[0]}
+        if node.op_type in ("Expand", "Reshape"):  # inline broadcast
+            roles["s"] = node.input[1]
+            return roles
+        if node.op_type != "Gather":
+            raise AxcnnError(f"unexpected final decode op {node.op_type} for layer {layer!r}")
+        _, feed = self.decode_node(node.input[1])
+        if feed.op_type == "Reshape":
+            roles["s"] = feed.input[1]
+        todo = [feed]
+        while todo:  # walk back to the Cast that reads the index tensor
+            nd = todo.pop()
+            if nd.op_type == "Cast":
+                roles["q"] = nd.input[0]
+                break
+            todo.extend(self.decode_node(x)[1] for x in nd.input if x not in self.inits)
+        if "q" not in roles:
+            raise AxcnnError(f"no index tensor found in the decode of layer {layer!r}")
+        return roles
+
+    def record(self, layer: str, k_meta: int) -> dict:
+        """The full per-layer record, rebuilt from the graph."""
+        roles = self.roles(layer)
+        c = self.init(roles["c"], layer)
+        q = self.init(roles["q"], layer) if "q" in roles else None
+        k = int(c.dims[0]) if len(c.dims) == 1 else -1
+        if k != k_meta:
+            raise AxcnnError(f"layer {layer!r}: {LAYERS_KEY} says K={k_meta}, the centroid tensor has {list(c.dims)}")
+        bits = _index_bits(k)
+        if q is None:
+            encoding = "broadcast"
+        elif q.data_type == TensorProto.UINT4:
+            encoding = "uint4"
+        elif bits == 8:
+            encoding = "uint8"
+        else:
+            encoding = "planes"
+        if encoding in ("uint8", "uint4"):
+            shape = [int(d) for d in q.dims]
+        else:
+            shape = [int(d) for d in _tensor_array(self.init(roles["s"], layer), "shape tensor").reshape(-1)]
+        return {
+            "name": layer,
+            "k": k,
+            "index_bits": bits,
+            "encoding": encoding,
+            "shape": shape,
+            "dtype": _dtype_name(c.data_type),
+            "index_tensor": None if q is None else q.name,
+            "centroid_tensor": c.name,
+            "index_bytes": 0 if q is None else _stored_bytes(q),
+            "centroid_bytes": _stored_bytes(c),
+        }
+
+
 def is_shared_model(model: onnx.ModelProto) -> bool:
     """Whether ``model`` was written by :func:`share_weights` (has the ``axcnn.layers`` metadata)."""
     return any(p.key == LAYERS_KEY for p in model.metadata_props)
 
 
 def shared_layers(model: onnx.ModelProto) -> list[dict]:
-    """Per-layer records stored by :func:`share_weights` (empty list for a plain model)."""
-    for p in model.metadata_props:
-        if p.key == LAYERS_KEY:
-            try:
-                records = json.loads(p.value)
-            except json.JSONDecodeError as exc:
-                raise AxcnnError(f"the model's {LAYERS_KEY} metadata is not valid JSON: {exc}") from exc
-            if not isinstance(records, list) or not all(isinstance(r, dict) and "name" in r for r in records):
-                raise AxcnnError(f"the model's {LAYERS_KEY} metadata is not a list of layer records")
-            return records
-    return []
+    """Per-layer records of a shared model (empty list for a plain model), in layer order.
+
+    Each record has ``name``, ``k``, ``index_bits``, ``encoding``, ``shape``, ``dtype``, ``index_tensor``
+    (None for ``broadcast``), ``centroid_tensor``, ``index_bytes`` and ``centroid_bytes``. They are rebuilt from
+    the decode graph (the metadata holds only names and K); files with the older verbose metadata are read
+    as stored.
+    """
+    meta = _layers_meta(model)
+    if meta is None:
+        return []
+    layers = _compact_layers(meta)
+    if layers is None:
+        return meta
+    graph = _Graph(model)
+    return [graph.record(name, k) for name, k in layers]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -676,15 +983,37 @@ def _eval_node(node: onnx.NodeProto, args: list[np.ndarray]) -> np.ndarray:
     raise AxcnnError(f"unexpected op {op} in the decode subgraph (node {node.name!r})")
 
 
+def _eval_function(func: onnx.FunctionProto, call: onnx.NodeProto, args: list[np.ndarray]) -> np.ndarray:
+    """Evaluate a decode function's body for one call node."""
+    if len(args) != len(func.input):
+        raise AxcnnError(f"call of {func.name} has {len(args)} inputs, the function takes {len(func.input)}")
+    env = dict(zip(func.input, args, strict=True))
+    given = {a.name: a for a in call.attribute}
+    for node in func.node:
+        if node.domain not in ("", "ai.onnx"):
+            raise AxcnnError(f"unexpected op {node.domain}.{node.op_type} in decode function {func.name}")
+        if any(a.ref_attr_name for a in node.attribute):
+            resolved = onnx.NodeProto()
+            resolved.CopyFrom(node)
+            del resolved.attribute[:]
+            for a in node.attribute:
+                if a.ref_attr_name and a.ref_attr_name not in given:
+                    raise AxcnnError(f"call of {func.name} lacks attribute {a.ref_attr_name!r}")
+                attr = resolved.attribute.add()
+                attr.CopyFrom(given[a.ref_attr_name] if a.ref_attr_name else a)
+                attr.name = a.name
+            node = resolved
+        if node.op_type == "Constant":
+            env[node.output[0]] = numpy_helper.to_array(_attr(node, "value"))
+        else:
+            env[node.output[0]] = _eval_node(node, [env[x] for x in node.input])
+    return env[func.output[0]]
+
+
 def _decode_graph(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], set[int], set[str]]:
     """Decoded weights by name, indices of the decode nodes, names of the initializers they read."""
     records = shared_layers(model)
-    graph = model.graph
-    producer: dict[str, int] = {}
-    for i, node in enumerate(graph.node):
-        for o in node.output:
-            producer[o] = i
-    inits = {t.name: t for t in graph.initializer}
+    index = _Graph(model)
     values: dict[str, np.ndarray] = {}
     used_nodes: set[int] = set()
     used_inits: set[str] = set()
@@ -692,16 +1021,17 @@ def _decode_graph(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], set[in
     def value(name: str) -> np.ndarray:
         if name in values:
             return values[name]
-        if name in inits:
+        if name in index.inits:
             used_inits.add(name)
-            values[name] = _tensor_array(inits[name], "decode tensor")
+            values[name] = _tensor_array(index.inits[name], "decode tensor")
             return values[name]
-        if name not in producer or not graph.node[producer[name]].name.startswith(NODE_PREFIX):
-            raise AxcnnError(f"shared weight value {name!r} is not produced by an axcnn decode node")
-        idx = producer[name]
-        node = graph.node[idx]
+        idx, node = index.decode_node(name)
         used_nodes.add(idx)
-        out = _eval_node(node, [value(x) for x in node.input])
+        args = [value(x) for x in node.input]
+        if node.domain == FUNCTION_DOMAIN:
+            out = _eval_function(index.function(node), node, args)
+        else:
+            out = _eval_node(node, args)
         values[name] = out
         return out
 
@@ -720,7 +1050,8 @@ def _decode_graph(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], set[in
 
 
 def decode(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Evaluate every shared layer's decode subgraph in numpy (no onnxruntime) from the stored tensors."""
+    """Evaluate every shared layer's decode (the call nodes' function bodies, or the inline decode nodes)
+    in numpy (no onnxruntime) from the stored tensors."""
     return _decode_graph(model)[0]
 
 
@@ -744,7 +1075,8 @@ def _decode_runtime(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     ]
     sub = helper.make_graph(nodes, "axcnn_decode", [], outputs, inits)
     ir_version = max(int(model.ir_version), 4)
-    tiny = helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=ir_version)
+    functions = [f for f in model.functions if f.domain == FUNCTION_DOMAIN]
+    tiny = helper.make_model(sub, opset_imports=list(model.opset_import), ir_version=ir_version, functions=functions)
     sess = ort.InferenceSession(tiny.SerializeToString(), providers=["CPUExecutionProvider"])
     results = sess.run(None, {})
     return dict(zip(decoded, results, strict=True))
@@ -770,11 +1102,16 @@ def verify(model: onnx.ModelProto, shared: Sequence[SharedWeight], *, runtime: b
 
 
 def expand(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A plain dense copy of a shared model: decoded weights back as initializers, no decode nodes,
-    no decode-only initializers and no ``axcnn.*`` metadata."""
+    """A plain dense copy of a shared model: decoded weights back as initializers, no decode nodes, decode
+    functions or decode-only initializers, and no ``axcnn.*`` metadata.
+
+    When :func:`share_weights` raised the IR version to 8 for the decode functions, the original IR version
+    (recorded in the metadata) is restored, unless the model has other functions.
+    """
     out = _copy(model)
     if not is_shared_model(out):
         return out
+    meta = _layers_meta(out)
     decoded, node_ids, init_names = _decode_graph(out)
     graph = out.graph
     kept_nodes = [nd for i, nd in enumerate(graph.node) if i not in node_ids]
@@ -794,6 +1131,15 @@ def expand(model: onnx.ModelProto) -> onnx.ModelProto:
             helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(arr.dtype), list(arr.shape))
             for name, arr in decoded.items()
         )
+    kept_functions = [f for f in out.functions if f.domain != FUNCTION_DOMAIN]
+    del out.functions[:]
+    out.functions.extend(kept_functions)
+    kept_opsets = [o for o in out.opset_import if o.domain != FUNCTION_DOMAIN]
+    del out.opset_import[:]
+    out.opset_import.extend(kept_opsets)
+    original_ir = meta.get("ir") if isinstance(meta, dict) else None
+    if isinstance(original_ir, int) and not out.functions:
+        out.ir_version = original_ir
     kept_meta = [p for p in out.metadata_props if not p.key.startswith(METADATA_PREFIX)]
     del out.metadata_props[:]
     out.metadata_props.extend(kept_meta)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import collections
 import json
+import logging
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +45,7 @@ DECODE_OPS = {
     "Expand",
 }
 K_VALUES = [1, 2, 5, 16, 80, 256, 300]
+DOMAIN = rewrite.FUNCTION_DOMAIN
 
 
 # --------------------------------------------------------------------------------------------------
@@ -135,6 +139,21 @@ def ir3_opset8(rng):
     return model, {"x": _f32(rng, 1, 3, 5, 5)}, ["w"]
 
 
+def opset8_ir7(rng):
+    """Opset 8 on the function path: no int32 Constant, Mod or MatMul; Slice takes ``ends`` as an attribute."""
+    model, feeds, names = ir3_opset8(rng)
+    del model.graph.input[1:]
+    model.ir_version = 7
+    return model, feeds, names
+
+
+def opset9_ir4(rng):
+    model, feeds, names = opset8_ir7(rng)
+    model.opset_import[0].version = 9
+    model.ir_version = 4
+    return model, feeds, names
+
+
 def opset21(rng):
     inits = [
         numpy_helper.from_array(_f32(rng, 6, 3, 3, 3), "w21"),
@@ -182,7 +201,19 @@ def one_element(rng):
     return model, {"x": _f32(rng, 1, 1, 4, 4)}, ["one.w", "scale"]
 
 
-MODELS = [conv_gemm, depthwise, matmul, constant_node, ir3_opset8, opset21, float16, float64, one_element]
+MODELS = [
+    conv_gemm,
+    depthwise,
+    matmul,
+    constant_node,
+    ir3_opset8,
+    opset8_ir7,
+    opset9_ir4,
+    opset21,
+    float16,
+    float64,
+    one_element,
+]
 
 
 def _clustering(model, names, k, rng):
@@ -225,6 +256,10 @@ def _opset(model):
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
+def _constants(model, names):
+    return [n for n in model.graph.node if n.op_type == "Constant" and set(n.output) & set(names)]
+
+
 # --------------------------------------------------------------------------------------------------
 # the main round trip
 
@@ -251,7 +286,7 @@ def test_share_round_trip(build, k, tmp_path):
         assert np.max(np.abs(g.astype(np.float64) - w.astype(np.float64))) <= 1e-5
     opt_shared = onnx.load(str(tmp_path / "opt_shared.onnx"))
     opt_dense = onnx.load(str(tmp_path / "opt_dense.onnx"))
-    assert not [n.name for n in opt_shared.graph.node if n.name.startswith("axcnn/")]
+    assert not [n.name for n in opt_shared.graph.node if n.name.startswith("axcnn/") or n.domain == DOMAIN]
     count_shared = collections.Counter(n.op_type for n in opt_shared.graph.node if n.op_type in DECODE_OPS)
     count_dense = collections.Counter(n.op_type for n in opt_dense.graph.node if n.op_type in DECODE_OPS)
     assert count_shared == count_dense
@@ -294,9 +329,19 @@ def test_share_round_trip(build, k, tmp_path):
             assert rec["index_tensor"] is None and layer.index_bytes == 0
         else:
             assert len(inits[rec["index_tensor"]].raw_data) == layer.index_bytes
-    # the weight name seen by consumers is unchanged: exactly one node produces it
+    # the weight name seen by consumers is unchanged: exactly one node produces it, a call of a model-local
+    # decode function (IR >= 4; IR 4..7 is raised to 8), or the last inline decode node (IR < 4)
     producers = [n for n in out.graph.node if set(names) & set(n.output)]
-    assert all(n.name.startswith("axcnn/") for n in producers) and len(producers) == len(names)
+    assert len(producers) == len(names)
+    if ir >= 4:
+        assert out.ir_version == max(ir, 8)
+        assert all(n.domain == DOMAIN and not n.name for n in producers)
+        assert len(out.graph.node) == len(model.graph.node) + len(names) - len(_constants(model, names))
+        assert out.functions and {f.domain for f in out.functions} == {DOMAIN}
+        assert (DOMAIN, 1) in [(o.domain, o.version) for o in out.opset_import]
+    else:
+        assert out.ir_version == ir and not out.functions
+        assert all(n.name.startswith("axcnn/") for n in producers)
     assert not [n for n in out.graph.node if n.op_type == "Constant" and set(n.output) & set(names)]
 
     # weight_arrays of a shared model gives the decoded weights
@@ -307,7 +352,9 @@ def test_share_round_trip(build, k, tmp_path):
     plain = expand(out)
     onnx.checker.check_model(plain, full_check=True)
     assert not is_shared_model(plain) and shared_layers(plain) == []
-    assert not [n for n in plain.graph.node if n.name.startswith("axcnn/")]
+    assert not [n for n in plain.graph.node if n.name.startswith("axcnn/") or n.domain == DOMAIN]
+    assert not plain.functions and DOMAIN not in [o.domain for o in plain.opset_import]
+    assert plain.ir_version == model.ir_version  # the IR raised for the functions is restored
     assert not [p for p in plain.metadata_props if p.key.startswith("axcnn.")]
     assert {t.name for t in plain.graph.initializer} == {t.name for t in model.graph.initializer} | {
         sw.name for sw in shared
@@ -332,6 +379,7 @@ def test_ir3_graph_inputs():
     assert out.ir_version == 3
     ops = [n.op_type for n in out.graph.node if n.name.startswith("axcnn/")]
     assert "Mod" not in ops and "MatMul" not in ops  # neither exists for int32 at opset 8
+    assert not out.functions and "Slice" in ops  # IR 3 cannot hold functions: the decode stays inline
 
 
 def test_constant_weight_removed():
@@ -341,27 +389,42 @@ def test_constant_weight_removed():
     assert [n.output[0] for n in out.graph.node if n.op_type == "Constant"] == ["cb"]
 
 
+def _ops(model):
+    """Op types of the main graph and of the function bodies."""
+    return [n.op_type for n in model.graph.node] + [n.op_type for f in model.functions for n in f.node]
+
+
 def test_slice_path_for_odd_sizes():
     rng = np.random.default_rng(5)
-    for build, opset in ((matmul, 17), (ir3_opset8, 8)):
+    for build, opset in ((matmul, 17), (ir3_opset8, 8), (opset8_ir7, 8)):
         model, feeds, names = build(rng)
         shared = _clustering(model, names, 5, rng)
         out, stored = share_weights(model, shared)
         assert stored[0].encoding == "planes"
-        assert "Slice" in [n.op_type for n in out.graph.node]  # 35 and 135 weights: n % 8 != 0
+        assert "Slice" in _ops(out)  # 35 and 135 weights: n % 8 != 0
         assert _opset(out) == opset
         verify(out, shared, runtime=True)
 
 
 def test_helpers_shared_across_layers():
     rng = np.random.default_rng(6)
-    model, _, names = conv_gemm(rng)
-    out, _ = share_weights(model, _clustering(model, names, 5, rng))
+    # inline path (IR 3): helper constants are initializers shared by all layers
+    model, _, _ = ir3_opset8(rng)
+    out, _ = share_weights(model, _clustering(model, ["w", "b"], 5, rng))
     init_names = [t.name for t in out.graph.initializer]
     assert len(init_names) == len(set(init_names))
-    assert init_names.count("ax.p") == 1 and init_names.count("ax.w3") == 1
+    assert init_names.count("ax.p") == 1 and init_names.count("ax.v3") == 1
     node_names = [n.name for n in out.graph.node if n.name]
     assert len(node_names) == len(set(node_names))
+    # function path: one function per recipe, its helper constants are Constant nodes in the body
+    model, names = _big_conv(rng, layers=3, channels=16)
+    model.graph.initializer.append(numpy_helper.from_array(_f32(rng, 5, 7), "odd"))  # 35 weights: Slice
+    out, _ = share_weights(model, _clustering(model, [*names, "odd"], 5, rng))
+    assert sorted(f.name for f in out.functions) == ["planes3", "planes3_n"]
+    assert [n.op_type for n in out.graph.node if n.domain == DOMAIN] == ["planes3"] * 3 + ["planes3_n"]
+    assert not [t for t in out.graph.initializer if t.name in ("ax.p", "ax.2", "ax.w3")]
+    body = {n.output[0] for f in out.functions for n in f.node if n.op_type == "Constant"}
+    assert {"p", "2", "w3"} <= body
 
 
 def test_prefix_avoids_name_collisions():
@@ -406,18 +469,179 @@ def test_written_file_shrinks(tmp_path, opset, ir, encoding):
     assert 0.95 * cr <= dense_bytes / shared_bytes <= cr
 
 
-def test_per_layer_overhead():
-    rng = np.random.default_rng(9)
-    layers = 4
-    model, names = _big_conv(rng, layers=layers, channels=16)
-    out, stored = share_weights(model, _clustering(model, names, 5, rng))
-    weight_bytes = sum(len(t.SerializeToString()) for t in model.graph.initializer)
-    base = len(model.SerializeToString()) - weight_bytes
+def _overhead(model, names, k, rng, tmp_path):
+    """Written bytes beyond the payload and the original's non-weight bytes, and the shared model."""
+    out, stored = share_weights(model, _clustering(model, names, k, rng))
+    weight_bytes = sum(len(t.SerializeToString()) for t in model.graph.initializer if t.name in names)
+    base = write_model(model, tmp_path / "dense.onnx") - weight_bytes
     payload = sum(layer.stored_bytes for layer in stored)
-    total = len(out.SerializeToString()) - base - payload
-    metadata = sum(len(p.SerializeToString()) for p in out.metadata_props)
-    assert (total - metadata) / layers < 400  # graph only (nodes, tensor headers, shared helpers)
-    assert total / layers < 650  # including the JSON layer records
+    return write_model(out, tmp_path / "shared.onnx") - base - payload, out
+
+
+def test_per_layer_overhead(tmp_path):
+    rng = np.random.default_rng(9)
+    layers = 20
+    model, names = _big_conv(rng, layers=layers, channels=16)
+    total, out = _overhead(model, names, 12, rng, tmp_path)
+    assert out.functions and len(out.graph.node) == 2 * layers  # one call node + one Conv per layer
+    assert total / layers < 150  # call node, tensor headers, metadata, the shared function and shape tensor
+    # the inline decode of IR < 4 models costs more (small models only)
+    model.ir_version = 3
+    model.graph.input.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, [16, 16, 3, 3]) for n in names)
+    model.opset_import[0].version = 8
+    total, out = _overhead(model, names, 12, rng, tmp_path)
+    assert not out.functions and total / layers < 600
+
+
+def test_shape_and_count_tensors_deduplicated():
+    rng = np.random.default_rng(19)
+    model, names = _big_conv(rng, layers=4, channels=16)
+    extra = {"a": (5, 7), "b": (7, 5), "c": (5, 7)}  # 35 weights each: one n tensor, two shapes
+    model.graph.initializer.extend(numpy_helper.from_array(_f32(rng, *shape), name) for name, shape in extra.items())
+    names = [*names, *extra]
+    shared = _clustering(model, names, 6, rng)
+    out, _ = share_weights(model, shared)
+    int64 = [t for t in out.graph.initializer if t.data_type == TensorProto.INT64]
+    shapes = sorted(tuple(numpy_helper.to_array(t)) for t in int64 if t.name.startswith("ax.s"))
+    assert shapes == [(5, 7), (7, 5), (16, 16, 3, 3)]
+    assert [list(numpy_helper.to_array(t)) for t in int64 if t.name.startswith("ax.n")] == [[35]]
+    assert len(int64) == 4
+    calls = {n.output[0]: list(n.input) for n in out.graph.node if n.domain == DOMAIN}
+    assert calls["a"][2:] == calls["c"][2:] and calls["a"][3] == calls["b"][3] and calls["a"][2] != calls["b"][2]
+    assert len({tuple(calls[n][2:]) for n in names[:4]}) == 1
+    verify(out, shared, runtime=True)
+
+
+def test_metadata_is_compact():
+    rng = np.random.default_rng(20)
+    model, names = _big_conv(rng, layers=3, channels=16)
+    shared = _clustering(model, names, 12, rng)
+    out, stored = share_weights(model, shared, {"axcnn.version": "x"})
+    props = {p.key: p.value for p in out.metadata_props}
+    value = props[rewrite.LAYERS_KEY]
+    assert " " not in value
+    assert json.loads(value) == {"layers": [[n, 12] for n in names], "ir": 7}  # IR 7 was raised to 8
+    assert len(value) < 20 + sum(len(n) + 8 for n in names)
+    # shared_layers rebuilds the full records from the graph
+    records = shared_layers(out)
+    assert [r["name"] for r in records] == names
+    for rec, layer in zip(records, stored, strict=True):
+        assert list(rec) == [
+            "name",
+            "k",
+            "index_bits",
+            "encoding",
+            "shape",
+            "dtype",
+            "index_tensor",
+            "centroid_tensor",
+            "index_bytes",
+            "centroid_bytes",
+        ]
+        assert (rec["k"], rec["index_bits"], rec["encoding"]) == (12, 4, "planes")
+        assert (rec["shape"], rec["dtype"]) == ([16, 16, 3, 3], "float32")
+        assert (rec["index_bytes"], rec["centroid_bytes"]) == (layer.index_bytes, layer.centroid_bytes) == (1152, 48)
+    # K in the metadata must agree with the graph
+    broken = onnx.ModelProto()
+    broken.CopyFrom(out)
+    for p in broken.metadata_props:
+        if p.key == rewrite.LAYERS_KEY:
+            p.value = json.dumps({"layers": [[names[0], 11]]})
+    with pytest.raises(AxcnnError, match="K=11"):
+        shared_layers(broken)
+    for bad in ('{"layers": [["w"]]}', "[1, 2]", "{"):
+        for p in broken.metadata_props:
+            if p.key == rewrite.LAYERS_KEY:
+                p.value = bad
+        with pytest.raises(AxcnnError, match=rewrite.LAYERS_KEY):
+            shared_layers(broken)
+
+
+# A model written by axcnn 0.1.0 before the decode functions (inline nodes axcnn/{i}/{j}, one shape tensor per
+# layer, verbose axcnn.layers records): MatMul x[2, 5] @ w[5, 7] + b[7], w with K=5 (35 weights: Slice),
+# b with K=1; zlib + base64 of the serialized model.
+OLD_FORMAT = (
+    "eNqNk81u00AQx71OnGyWNk0NKhWnduFAV2lqOx+VfKAlgJAi9VJuVBVaf7S1cNep7TaJUKUeOPIQXLjxDnDiDXgFXgO2O03cUA5Y"
+    "Wm3mv78Z/3fGwVX3q0EYMfjYap2ZarMe1fjYF2LL2rJo+QXPclYjep6sVj4jnTwB1iJlPm4NIcMuMmxaehldTClbUQ5QTkE5tLSX"
+    "BOQpUM711hq1AWsXWJtW9ni+dx5PybaqdwRgpwA7tLofZid8GJJNIDuKtCAQkNAtErrUeBNHfkg2gOjClgHYK8BeUfnmTj5sPRON"
+    "CmybVl7z/CRMgbKBsmVB5E0pW7az8mo85CIgywSNCRqZ6HR2xTpBpwR5JprQ0vMgMNExW8dGA/XhrYMHmvb9m6Zpcl09k2tH/t5l"
+    "a9jACJcaOmBng6Uf+3h1sO5vfPz0pYHKOnuIMUaNCqshvYwba7tXqK9Gx+5JEekqcJiJS4oqSaoP42ArUqm65Pf0gcQjtqh0pKnQ"
+    "YnUIH4MDwZawLmPdqIKQsWUJqGvItgzK0vXONKcKavb2vuyHWScLGJmY6FiXy/CkOPlLrPbLRGsspitkUTW1dRGmWZTIAcuPrWWl"
+    "v3SyAAcxn8gj86d+8IEKfhpSl45ok76nbrdJIxGE43delGfUbTdpKPwkiMSxZIYxF2EmQTVz6h50m9uHTRrkk+uIHsUJz9sOnZbI"
+    "Q5ElqTxQzZeyH4o8TaJg/sSfJXiTXJZ37e4t9EZzrMvmzKsHXu15r9acVy9NeODL/+ctu/9jVpzH8b+d2nedWneNdi4P/wCZQRDu"
+)
+
+
+def test_reads_old_verbose_format():
+    old = onnx.load_model_from_string(zlib.decompress(base64.b64decode(OLD_FORMAT)))
+    centroids = np.array([-1.5, -0.5, 0.25, 1.0, 2.0], np.float32)
+    want = {"w": centroids[(np.arange(35).reshape(5, 7) * 3) % 5], "b": np.full(7, 0.75, np.float32)}
+    assert is_shared_model(old) and old.ir_version == 7 and not old.functions
+    records = shared_layers(old)
+    stored = json.loads(next(p.value for p in old.metadata_props if p.key == rewrite.LAYERS_KEY))
+    assert records == stored and [r["name"] for r in records] == ["w", "b"]
+    assert records[0]["encoding"] == "planes" and records[1]["encoding"] == "broadcast"
+    decoded = decode(old)
+    assert all(decoded[name].tobytes() == arr.tobytes() for name, arr in want.items())
+    verify(old, [SharedWeight("w", centroids, (np.arange(35).reshape(5, 7) * 3) % 5)], runtime=True)
+    plain = expand(old)
+    onnx.checker.check_model(plain, full_check=True)
+    assert {t.name for t in plain.graph.initializer} == {"w", "b"} and len(plain.graph.node) == 2
+    assert not [p for p in plain.metadata_props if p.key.startswith("axcnn.")] and plain.ir_version == 7
+    x = _f32(np.random.default_rng(21), 2, 5)
+    (got,) = _run(old, {"x": x})
+    assert np.allclose(got, x @ want["w"] + want["b"], atol=1e-5)
+    assert np.array_equal(_run(plain, {"x": x})[0], got)
+
+
+def test_ir_version_and_decode_path(caplog):
+    rng = np.random.default_rng(22)
+    for ir, opset, raised in ((4, 9, True), (7, 13, True), (8, 17, False), (10, 21, False)):
+        model, names = _big_conv(rng, opset=opset, ir=ir, channels=8)
+        with caplog.at_level(logging.INFO, logger="axcnn.rewrite"):
+            caplog.clear()
+            out, _ = share_weights(model, _clustering(model, names, 3, rng))
+        assert out.ir_version == max(ir, 8) and len(out.functions) == 1
+        assert ("raising the IR version" in caplog.text) == raised
+        meta = json.loads(next(p.value for p in out.metadata_props if p.key == rewrite.LAYERS_KEY))
+        assert meta.get("ir") == (ir if raised else None)
+        assert expand(out).ir_version == ir
+    model, _, names = ir3_opset8(rng)
+    out, _ = share_weights(model, _clustering(model, names, 3, rng))
+    assert out.ir_version == 3 and not out.functions
+    assert DOMAIN not in [o.domain for o in out.opset_import]
+    assert all(n.name.startswith("axcnn/") for n in out.graph.node[:-2])
+
+
+def test_expand_function_path_is_clean(tmp_path):
+    rng = np.random.default_rng(23)
+    model, names = _big_conv(rng, layers=3, channels=16)
+    model.graph.initializer.append(numpy_helper.from_array(_f32(rng, 5, 7), "odd"))
+    model.graph.initializer.append(numpy_helper.from_array(_f32(rng, 2, 3), "flat"))
+    model.graph.initializer.append(numpy_helper.from_array(np.float32(2.5), "scalar"))
+    names = [*names, "odd", "flat", "scalar"]
+    shared = [*_clustering(model, names[:4], 7, rng), *_clustering(model, names[4:], 1, rng)]
+    out, _ = share_weights(model, shared)
+    assert sorted(f.name for f in out.functions) == ["broadcast", "broadcast0", "planes3", "planes3_n"]
+    plain = expand(out)
+    onnx.checker.check_model(plain, full_check=True)
+    assert not plain.functions and not [n for n in plain.graph.node if n.domain == DOMAIN]
+    assert [(o.domain, o.version) for o in plain.opset_import] == [("", 13)] and plain.ir_version == 7
+    assert [n.SerializeToString() for n in plain.graph.node] == [n.SerializeToString() for n in model.graph.node]
+    assert sorted(t.name for t in plain.graph.initializer) == sorted(names)
+    dense = replace_weights(model, {sw.name: sw.dense() for sw in shared})
+    assert write_model(plain, tmp_path / "p.onnx") == write_model(dense, tmp_path / "d.onnx")
+    x = _f32(rng, 1, 16, 4, 4)
+    assert np.array_equal(_run(plain, {"x": x})[0], _run(dense, {"x": x})[0])
+    assert np.array_equal(_run(out, {"x": x})[0], _run(dense, {"x": x})[0])
+
+
+def test_function_domain_collision():
+    rng = np.random.default_rng(24)
+    model, _, names = matmul(rng)
+    model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    with pytest.raises(AxcnnError, match="function domain"):
+        share_weights(model, _clustering(model, names, 5, rng))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -435,7 +659,7 @@ def test_metadata_merges_and_input_untouched():
     assert len(keys) == len(set(keys))
     props = {p.key: p.value for p in out.metadata_props}
     assert props["producer.note"] == "keep" and props["axcnn.tool"] == "new" and props["axcnn.k"] == "5"
-    assert json.loads(props["axcnn.layers"])[0]["name"] == "mm.w"
+    assert json.loads(props["axcnn.layers"])["layers"] == [["mm.w", 5]]
     plain = expand(out)
     assert {p.key: p.value for p in plain.metadata_props} == {"producer.note": "keep"}
 
