@@ -125,7 +125,7 @@ def _floats(ctx, param, value):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to run [default auto].")
 @click.option("--seed", type=int, help="Seed for subsets and Lloyd backends [default 0].")
 @click.option("--min-weights", type=int, help="Leave tensors with fewer weights dense [default 64].")
-@click.option("--cache-mb", type=int, help="Memory budget for cached activations [default 1024].")
+@click.option("--cache-mb", type=int, help="Memory budget for cached activations [default 2048].")
 @click.option("--output-name", help="Model output to score [default: the first].")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary; errors only.")

@@ -56,7 +56,7 @@ class CompressConfig:
     limit: int | None = None
     batch_size: int = 256
     min_weights: int = 64
-    cache_mb: int = 1024
+    cache_mb: int = 2048
     fast_scoring: bool = True
     early_stop: bool = True
 

@@ -171,9 +171,13 @@ class Explorer:
 
     def _kl_estimates(self, spec: LayerSpec, table, ks: list[int]) -> dict[int, float]:
         plan = self._plan(spec.name, self.x[self.calib_idx])
+        run = score.weight_as_input(plan, self.runner, self.io.output_name)  # one session for all K
+        if run is None:
+            def run(array):
+                return score.outputs_of(plan, self.runner, self.io.output_name, array)
         out = {}
         for k in ks:
-            cand = score.outputs_of(plan, self.runner, self.io.output_name, self._dense(spec, table.get(k)))
+            cand = run(self._dense(spec, table.get(k)))
             out[k] = estimate.mean_kl(self.calib_ref_logp, estimate.log_probs(cand, self.output_kind))
         return out
 

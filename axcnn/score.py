@@ -309,6 +309,31 @@ def outputs_of(plan: Plan, runner: Runner, output: str, array: np.ndarray | None
     return np.concatenate([runner.run(sess, output, f)[:n] for f, n in zip(plan.feeds, plan.sizes, strict=True)])
 
 
+def weight_as_input(plan: Plan, runner: Runner, output: str):
+    """One session of the plan's model with the weight turned into a graph input, or None.
+
+    Returns ``outputs(array) -> np.ndarray``: the outputs with the weight set to ``array``, for many candidates
+    without a session each. Used where only an estimate is needed (the KL estimator on the calibration subset):
+    a weight fed as an input skips onnxruntime's weight prepacking, so outputs may differ from a session with the
+    weight as a constant in the last bits; scoring always uses the latter.
+    """
+    model = copy.deepcopy(plan.model)
+    match = [t for t in model.graph.initializer if t.name == plan.weight.name]
+    if not match:  # the weight sits in a Constant node
+        return None
+    tensor = match[0]
+    model.graph.initializer.remove(tensor)
+    model.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    sess = runner.session(model)
+    name = tensor.name
+
+    def outputs(array: np.ndarray) -> np.ndarray:
+        return np.concatenate([runner.run(sess, output, {**f, name: array})[:n]
+                               for f, n in zip(plan.feeds, plan.sizes, strict=True)])
+
+    return outputs
+
+
 def run_model(model: onnx.ModelProto | bytes, runner: Runner, io: IOInfo, x: np.ndarray,
               batch: int) -> Iterator[np.ndarray]:
     """Outputs of a whole model over ``x``, batch by batch (padding dropped)."""
