@@ -172,9 +172,6 @@ class Explorer:
     def _kl_estimates(self, spec: LayerSpec, table, ks: list[int]) -> dict[int, float]:
         plan = self._plan(spec.name, self.x[self.calib_idx])
         run = score.weight_as_input(plan, self.runner, self.io.output_name)  # one session for all K
-        if run is None:
-            def run(array):
-                return score.outputs_of(plan, self.runner, self.io.output_name, array)
         out = {}
         for k in ks:
             cand = run(self._dense(spec, table.get(k)))

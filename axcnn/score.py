@@ -310,17 +310,17 @@ def outputs_of(plan: Plan, runner: Runner, output: str, array: np.ndarray | None
 
 
 def weight_as_input(plan: Plan, runner: Runner, output: str):
-    """One session of the plan's model with the weight turned into a graph input, or None.
+    """``outputs(array) -> np.ndarray``: the plan's outputs with the weight set to ``array``, for many candidates.
 
-    Returns ``outputs(array) -> np.ndarray``: the outputs with the weight set to ``array``, for many candidates
-    without a session each. Used where only an estimate is needed (the KL estimator on the calibration subset):
-    a weight fed as an input skips onnxruntime's weight prepacking, so outputs may differ from a session with the
-    weight as a constant in the last bits; scoring always uses the latter.
+    One session with the weight turned into a graph input serves every candidate (a weight held in a Constant
+    node falls back to a session per candidate). Used where only an estimate is needed (the KL estimator on the
+    calibration subset): a weight fed as an input skips onnxruntime's weight prepacking, so outputs may differ
+    from a session with the weight as a constant in the last bits; scoring always uses the latter.
     """
     model = copy.deepcopy(plan.model)
     match = [t for t in model.graph.initializer if t.name == plan.weight.name]
     if not match:  # the weight sits in a Constant node
-        return None
+        return lambda array: outputs_of(plan, runner, output, array)
     tensor = match[0]
     model.graph.initializer.remove(tensor)
     model.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
