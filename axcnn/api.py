@@ -118,7 +118,6 @@ def compress(
     providers = score.select_providers(config.device)
     labels = None if config.metric == "agreement" else data.y
     explorer = Explorer(model, io, data.x, labels, config, providers, calib_idx, progress)
-    _check_labels(explorer, config)
     exploration = greedy(explorer, layers)
     if not exploration.decisions:
         raise AxcnnError("no layer could be shared: " + "; ".join(f"{n}: {r}" for n, r in exploration.skipped))
@@ -160,13 +159,3 @@ def compress(
     if report_file is not None:
         report.write_json(rep, report_file)
     return Result(output, report_file, rep)
-
-
-def _check_labels(explorer: Explorer, config: CompressConfig) -> None:
-    classes = explorer.reference_outputs.reshape(len(explorer.reference_outputs), -1).shape[1]
-    labels = explorer.labels
-    if labels.size and (labels.min() < 0 or labels.max() >= classes):
-        raise AxcnnError(f"labels must lie in [0, {classes - 1}] for a model with {classes} outputs; "
-                         f"the data has labels from {labels.min()} to {labels.max()}")
-    if config.metric == "top5" and classes < 5:
-        raise AxcnnError(f"--metric top5 needs at least 5 classes; the model has {classes}")

@@ -19,6 +19,7 @@ import onnx
 from axcnn import estimate, score
 from axcnn.cluster import Clustering, cluster_range, compression_ratio
 from axcnn.config import CompressConfig
+from axcnn.errors import AxcnnError
 from axcnn.model import IOInfo, LayerSpec
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,6 @@ class Explorer:
                  progress: Progress | None = None):
         self.config = config
         self.io = io
-        self.x = x
         self.runner = score.Runner(providers)
         self.current = score.working_copy(model)
         self.types = score.value_types(self.current) if config.fast_scoring else {}
@@ -91,23 +91,35 @@ class Explorer:
         self.reference_outputs = ref
         if config.metric == "agreement" or labels is None:
             labels = np.argmax(ref.reshape(len(ref), -1), axis=1).astype(np.int64)
-        self.labels = labels
+        _check_labels(ref, labels, config.metric)
+        self.labels = labels  # reference_outputs and labels are in the caller's sample order
         self.reference_correct = score.count_correct(ref, labels, config.metric)
-        self.calib_idx = calib_idx
+        # candidates are scored over the samples hardest first, so that exact early stops come early
+        order = score.hardest_first(ref, labels, config.metric) if config.early_stop else np.arange(len(x))
+        self._x = x[order]
+        self._y = labels[order]
+        self._previous: score.Plan | None = None  # the last layer's plan: its activations feed the next prefix
         if config.estimator == "kl":
+            position = np.empty(len(order), dtype=np.int64)
+            position[order] = np.arange(len(order))
+            self._calib_pos = np.sort(position[calib_idx])
             kind = estimate.output_kind(ref)
             self.output_kind = kind
-            self.calib_ref_logp = estimate.log_probs(ref[calib_idx], kind)
+            self.calib_ref_logp = estimate.log_probs(ref[order][self._calib_pos], kind)
 
     # -- plans -----------------------------------------------------------------------------------------------
-    def _plan(self, weight: str, x: np.ndarray) -> score.Plan:
+    def _plan(self, weight: str) -> score.Plan:
         cfg = self.config
+        inputs = score.full_plan(self.current, weight, self._x, self.io, cfg.batch_size)
+        plan = None
         if cfg.fast_scoring:
-            plan = score.suffix_plan(self.current, weight, x, self.io, cfg.batch_size, self.runner,
-                                     cfg.cache_mb << 20, self.types)
-            if plan is not None:
-                return plan
-        return score.full_plan(self.current, weight, x, self.io, cfg.batch_size)
+            sources = [p for p in (self._previous, inputs) if p is not None]
+            self._previous = None  # consumed (or unusable) from here on
+            plan = score.suffix_plan(self.current, weight, self.io, self.runner, cfg.cache_mb << 20, self.types,
+                                     sources)
+        if plan is None:
+            plan = score.full_plan(self.current, weight, self._x, self.io, cfg.batch_size)
+        return plan
 
     # -- one layer -------------------------------------------------------------------------------------------
     def explore_layer(self, spec: LayerSpec, index: int, total: int) -> LayerDecision | str:
@@ -122,8 +134,11 @@ class Explorer:
             log.info("%s has %d unique values: K clamped to %d", spec.name, table.n_unique, table.n_unique)
 
         t1 = time.perf_counter()
+        plan = self._plan(spec.name)
+        plan_s = time.perf_counter() - t1
+        t1 = time.perf_counter()
         if cfg.estimator == "kl" and len(ks) > 1:
-            estimates = self._kl_estimates(spec, table, ks)
+            estimates = self._kl_estimates(spec, table, ks, plan)
         else:
             estimates = {k: table.inertia(k) for k in ks}
         estimate_s = time.perf_counter() - t1
@@ -132,15 +147,24 @@ class Explorer:
         self.progress("layer", index=index, total=total, name=spec.name, candidates=len(chosen_ks))
 
         t2 = time.perf_counter()
-        plan = self._plan(spec.name, self.x)
+        arrays = {k: self._dense(spec, table.get(k)) for k in chosen_ks}
+        output = self.io.output_name
+
+        def done(k: int, out: score.Outcome) -> None:
+            self.progress("candidate", k=k, stopped_early=out.stopped_early)
+
+        if cfg.early_stop:
+            outcomes = score.best_first(plan, self.runner, output, arrays, self._y, cfg.metric, done,
+                                        lead=min(len(self._y) - self.reference_correct, len(self._y) // 2))
+        else:
+            outcomes = {}
+            for k in chosen_ks:
+                outcomes[k] = score.evaluate(plan, self.runner, output, arrays[k], self._y, cfg.metric)
+                done(k, outcomes[k])
         results: dict[int, Candidate] = {}
         best: Candidate | None = None
         for k in chosen_ks:
-            need = None
-            if cfg.early_stop and best is not None:
-                need = best.correct + (1 if k > best.k else 0)
-            dense = self._dense(spec, table.get(k))
-            out = score.evaluate(plan, self.runner, self.io.output_name, dense, self.labels, cfg.metric, need)
+            out = outcomes[k]
             cand = Candidate(
                 k=k, inertia=table.inertia(k), estimate=estimates[k],
                 compression_ratio=compression_ratio(spec.weights, k, spec.bits), scored=True,
@@ -149,12 +173,9 @@ class Explorer:
                 stopped_early=out.stopped_early, samples_seen=out.seen,
             )
             results[k] = cand
-            if not out.stopped_early and (
-                best is None or out.correct > best.correct or (out.correct == best.correct and k < best.k)
-            ):
+            if not out.stopped_early and (best is None or score.wins(out.correct, k, best.correct, best.k)):
                 best = cand
-            self.progress("candidate", k=k, stopped_early=out.stopped_early)
-        scoring_s = time.perf_counter() - t2
+        scoring_s = time.perf_counter() - t2 + plan_s
         if best is None:  # cannot happen: the first scored candidate has no incumbent to lose to
             raise RuntimeError(f"no candidate of {spec.name} was fully scored")
         candidates = tuple(
@@ -165,13 +186,15 @@ class Explorer:
         decision = LayerDecision(spec, table.n_unique, table.clamped, candidates, best, table.get(best.k),
                                  plan.kind, clustering_s, scoring_s, estimate_s)
         self._fix(spec.name, decision.dense())
+        if cfg.fast_scoring:
+            self._previous = plan
         log.info("%s: K=%d, %d/%d correct (%s scoring, %d candidates scored)", spec.name, best.k, best.correct,
                  len(self.labels), plan.kind, len(chosen_ks))
         return decision
 
-    def _kl_estimates(self, spec: LayerSpec, table, ks: list[int]) -> dict[int, float]:
-        plan = self._plan(spec.name, self.x[self.calib_idx])
-        run = score.weight_as_input(plan, self.runner, self.io.output_name)  # one session for all K
+    def _kl_estimates(self, spec: LayerSpec, table, ks: list[int], plan: score.Plan) -> dict[int, float]:
+        calib = score.subset_plan(plan, self._calib_pos, self.io, self.config.batch_size)
+        run = score.weight_as_input(calib, self.runner, self.io.output_name)  # one session for all K
         out = {}
         for k in ks:
             cand = run(self._dense(spec, table.get(k)))
@@ -189,6 +212,15 @@ class Explorer:
 
     def current_model(self) -> onnx.ModelProto:
         return copy.deepcopy(self.current)
+
+
+def _check_labels(ref: np.ndarray, labels: np.ndarray, metric: str) -> None:
+    classes = ref.reshape(len(ref), -1).shape[1]
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        raise AxcnnError(f"labels must lie in [0, {classes - 1}] for a model with {classes} outputs; "
+                         f"the data has labels from {labels.min()} to {labels.max()}")
+    if metric == "top5" and classes < 5:
+        raise AxcnnError(f"--metric top5 needs at least 5 classes; the model has {classes}")
 
 
 def greedy(explorer: Explorer, layers: list[LayerSpec]) -> Exploration:

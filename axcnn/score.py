@@ -5,15 +5,16 @@ What does not change between candidates is built once: preprocessed inputs, refe
 suffix plan runs only the nodes that depend on the explored weight, fed with activations cached at their inputs
 (computed once per layer by the prefix of the current network), within a memory budget.
 
-Early stopping is exact: a candidate stops once even a perfect remainder could not beat the incumbent under the
-greedy rule (more correct predictions wins; a tie goes to the smaller K).
+Early stopping is exact: the candidates of a layer race batch by batch, best upper bound first, and a candidate
+stops once even a perfect remainder could not beat a fully scored one under the greedy rule (more correct
+predictions win; a tie goes to the smaller K).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,6 +66,8 @@ class Runner:
         self._options = ort.SessionOptions()
         self._options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self._options.log_severity_level = 3
+        # candidates' sessions take turns batch by batch: idle threads spinning for work would steal the cores
+        self._options.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
     def session(self, model: onnx.ModelProto | bytes):
         data = model if isinstance(model, bytes) else model.SerializeToString()
@@ -120,13 +123,18 @@ def count_correct(outputs: np.ndarray, labels: np.ndarray, metric: str) -> int:
 
 @dataclass
 class Plan:
-    """A model to run for candidates of one layer, with its per-batch feeds."""
+    """A model to run for candidates of one layer, with its per-batch feeds.
+
+    ``boundary`` names the tensors each feed holds: the graph input for a full plan, the cached activations at the
+    cut for a suffix plan. A plan's feeds can be the source another plan's activations are computed from.
+    """
 
     model: onnx.ModelProto
     weight: onnx.TensorProto  # the tensor inside ``model`` whose data candidates replace
     feeds: list[dict[str, np.ndarray]]
     sizes: list[int]
     kind: str  # "full" | "suffix"
+    boundary: tuple[str, ...] = ()
 
     def serialize_with(self, array: np.ndarray) -> bytes:
         saved = onnx.TensorProto()
@@ -149,7 +157,33 @@ def weight_proto(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
 def full_plan(model: onnx.ModelProto, weight: str, x: np.ndarray, io: IOInfo, batch: int) -> Plan:
     batches = input_batches(x, io, batch)
     feeds = [{io.input_name: chunk} for chunk, _ in batches]
-    return Plan(model, weight_proto(model, weight), feeds, [n for _, n in batches], "full")
+    return Plan(model, weight_proto(model, weight), feeds, [n for _, n in batches], "full", (io.input_name,))
+
+
+def subset_plan(plan: Plan, positions: np.ndarray, io: IOInfo, batch: int) -> Plan:
+    """The same model on the samples at ``positions`` (sorted, in the plan's sample order), rows gathered from the
+    plan's feeds, so no prefix runs again. Batches of a fixed-batch model are padded as ``input_batches`` does."""
+    starts = np.cumsum([0] + list(plan.sizes))
+    gathered: dict[str, list[np.ndarray]] = {name: [] for name in plan.boundary}
+    for j, feed in enumerate(plan.feeds):
+        rows = positions[(positions >= starts[j]) & (positions < starts[j + 1])] - starts[j]
+        if len(rows):
+            for name in plan.boundary:
+                gathered[name].append(feed[name][rows])
+    arrays = {name: np.concatenate(parts) for name, parts in gathered.items()}
+    size = io.fixed_batch or batch
+    feeds, sizes = [], []
+    for s in batch_slices(len(positions), size):
+        n = s.stop - s.start
+        feed = {}
+        for name, a in arrays.items():
+            chunk = a[s]
+            if io.fixed_batch and n < size:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], size - n, axis=0)])
+            feed[name] = chunk
+        feeds.append(feed)
+        sizes.append(n)
+    return Plan(plan.model, plan.weight, feeds, sizes, plan.kind, plan.boundary)
 
 
 def _dependents(model: onnx.ModelProto, weight: str) -> set[int]:
@@ -193,12 +227,71 @@ def _submodel(model: onnx.ModelProto, nodes: list[int], inputs: list[onnx.ValueI
     return sub
 
 
-def suffix_plan(model: onnx.ModelProto, weight: str, x: np.ndarray, io: IOInfo, batch: int, runner: Runner,
-                budget_bytes: int, value_types: dict[str, int]) -> Plan | None:
+class _Unreachable(Exception):
+    """The source's tensors do not determine the wanted activations (a path bypasses them)."""
+
+
+def _activations(model: onnx.ModelProto, wanted: list[str], source: Plan, runner: Runner, budget_bytes: int,
+                 types: dict[str, int]) -> list[dict[str, np.ndarray]] | None:
+    """Feeds holding ``wanted`` for the source's samples, computed from the source's feeds by the part of ``model``
+    between them. The source's feeds are released batch by batch as they are used. None when the activations
+    would exceed ``budget_bytes`` or the run fails; raises _Unreachable (before touching the source) when
+    ``wanted`` cannot be computed from the source's tensors alone."""
+    have = set(source.boundary)
+    missing = [w for w in wanted if w not in have]
+    nodes = _needed_nodes(model, missing, have)
+    consts = set(constant_tensors(model))
+    produced = {o for i in nodes for o in model.graph.node[i].output}
+    used = []
+    for i in nodes:
+        for name in model.graph.node[i].input:
+            if not name or name in produced or name in consts:
+                continue
+            if name not in have:
+                raise _Unreachable(name)
+            if name not in used:
+                used.append(name)
+    if any(name not in types for name in used + missing):
+        raise _Unreachable("untyped tensor")
+    sess = None
+    if missing:
+        step = _submodel(model, nodes, [onnx.helper.make_tensor_value_info(n, types[n], None) for n in used],
+                         [onnx.helper.make_tensor_value_info(n, types[n], None) for n in missing])
+        sess = runner.session(step)
+    total_samples = int(sum(source.sizes))
+    feeds: list[dict[str, np.ndarray]] = []
+    total = done = 0
+    for j, size in enumerate(source.sizes):
+        feed = source.feeds[j]
+        values = {}
+        if sess is not None:
+            try:
+                values = dict(zip(missing, sess.run(missing, {n: feed[n] for n in used}), strict=True))
+            except Exception as exc:
+                log.debug("prefix run failed (%s); full-network scoring", _first_line(exc))
+                return None
+        new = {w: values[w] if w in values else feed[w] for w in wanted}
+        source.feeds[j] = None  # the source is consumed: keep at most one copy of each batch alive
+        feeds.append(new)
+        total += sum(v.nbytes for v in new.values())
+        done += size
+        # extrapolate from what is cached so far: stop early rather than overshoot the budget
+        if total * total_samples / done > budget_bytes:
+            log.info("cached activations would exceed the %d MB cache budget; full-network scoring",
+                     budget_bytes >> 20)
+            return None
+    return feeds
+
+
+def suffix_plan(model: onnx.ModelProto, weight: str, io: IOInfo, runner: Runner, budget_bytes: int,
+                value_types: dict[str, int], sources: Sequence[Plan]) -> Plan | None:
     """Plan that runs only the part of ``model`` after ``weight`` on cached activations, or None.
 
-    None when the cut saves nothing (the first layer), when a boundary tensor's type is unknown, or when the
-    cached activations would exceed ``budget_bytes``.
+    The activations at the cut are computed from the first of ``sources`` whose tensors determine them, by the part
+    of ``model`` in between: from the graph input (a full plan), or, layer after layer, from the previous layer's
+    cached activations, so that the prefix is not rerun from the input each time. A source used is consumed.
+    None when the cut saves nothing (the first layer), when a boundary tensor's type is unknown, when no source
+    reaches the cut, or when the cached activations would exceed ``budget_bytes``.
     """
     graph = model.graph
     dependents = _dependents(model, weight)
@@ -221,41 +314,25 @@ def suffix_plan(model: onnx.ModelProto, weight: str, x: np.ndarray, io: IOInfo, 
         return None
     if any(b not in value_types for b in boundary):
         return None
-    stop = set(boundary)
-    suffix_nodes = _needed_nodes(model, [io.output_name], stop)
-    prefix_nodes = _needed_nodes(model, boundary, {io.input_name})
+    suffix_nodes = _needed_nodes(model, [io.output_name], set(boundary))
     if len(suffix_nodes) >= len(graph.node):
         return None
     out_vi = [o for o in graph.output if o.name == io.output_name]
-    in_vi = [i for i in graph.input if i.name == io.input_name]
-    prefix = _submodel(
-        model, prefix_nodes, in_vi,
-        [onnx.helper.make_tensor_value_info(b, value_types[b], None) for b in boundary],
-    )
     suffix = _submodel(
         model, suffix_nodes,
         [onnx.helper.make_tensor_value_info(b, value_types[b], None) for b in boundary],
         out_vi,
     )
-    batches = input_batches(x, io, batch)
-    sess = runner.session(prefix)
-    feeds: list[dict[str, np.ndarray]] = []
-    total = done = 0
-    for chunk, n in batches:
+    for source in sources:
         try:
-            values = sess.run(boundary, {io.input_name: chunk})
-        except Exception as exc:
-            log.debug("prefix run failed (%s); full-network scoring", _first_line(exc))
+            feeds = _activations(model, boundary, source, runner, budget_bytes, value_types)
+        except _Unreachable as why:
+            log.debug("cut at %s not reachable from %s (%s)", weight, source.boundary, why)
+            continue
+        if feeds is None:
             return None
-        feeds.append(dict(zip(boundary, values, strict=True)))
-        total += sum(v.nbytes for v in values)
-        done += n
-        # extrapolate from what is cached so far: stop early rather than overshoot the budget
-        if total * len(x) / done > budget_bytes:
-            log.info("cached activations for %s would exceed the %d MB cache budget; full-network scoring",
-                     weight, budget_bytes >> 20)
-            return None
-    return Plan(suffix, weight_proto(suffix, weight), feeds, [n for _, n in batches], "suffix")
+        return Plan(suffix, weight_proto(suffix, weight), feeds, list(source.sizes), "suffix", tuple(boundary))
+    return None
 
 
 def value_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -283,24 +360,88 @@ class Outcome:
     stopped_early: bool
 
 
-def evaluate(plan: Plan, runner: Runner, output: str, array: np.ndarray, labels: np.ndarray, metric: str,
-             need: int | None = None) -> Outcome:
-    """Count correct predictions of the plan's model with the weight set to ``array``.
-
-    ``need``: stop as soon as ``correct + remaining < need`` (the candidate cannot reach ``need``).
-    """
+def evaluate(plan: Plan, runner: Runner, output: str, array: np.ndarray, labels: np.ndarray,
+             metric: str) -> Outcome:
+    """Count correct predictions of the plan's model with the weight set to ``array``, over every sample."""
     sess = runner.session(plan.serialize_with(array))
-    total = int(sum(plan.sizes))
-    correct = seen = 0
-    start = 0
+    correct = start = 0
     for feeds, size in zip(plan.feeds, plan.sizes, strict=True):
         out = runner.run(sess, output, feeds)[:size]
         correct += count_correct(out, labels[start:start + size], metric)
         start += size
-        seen += size
-        if need is not None and correct + (total - seen) < need:
-            return Outcome(correct, seen, total, seen < total)
-    return Outcome(correct, seen, total, False)
+    return Outcome(correct, start, start, False)
+
+
+def wins(correct: int, k: int, best_correct: int, best_k: int) -> bool:
+    """The greedy rule: more correct predictions win; a tie goes to the smaller K."""
+    return correct > best_correct or (correct == best_correct and k < best_k)
+
+
+@dataclass
+class _Race:
+    k: int
+    array: np.ndarray
+    sess: object = None
+    batch: int = 0  # next batch to run
+    correct: int = 0
+    seen: int = 0
+    out: bool = False  # finished or provably beaten
+
+
+def best_first(plan: Plan, runner: Runner, output: str, candidates: dict[int, np.ndarray], labels: np.ndarray,
+               metric: str, done: Callable[[int, Outcome], None] | None = None, lead: int = 0) -> dict[int, Outcome]:
+    """Score ``candidates`` ({K: weight}) far enough to know the winner under the greedy rule, exactly.
+
+    Each candidate's final count lies in [correct so far, correct so far + samples left]. The candidate with the
+    highest upper bound (fewest errors so far; ties to the smaller K) runs its next batch; a candidate whose upper
+    bound cannot beat a fully scored one stops. So a candidate only runs while it could still be the winner, which
+    is the least any exact strategy needs at batch granularity, whatever the order the candidates come in. The
+    winner is always scored in full, and every count returned for a candidate not stopped early is exact.
+    ``done(k, outcome)`` is called as each candidate finishes or stops.
+
+    ``lead``: each candidate first runs, one after the other, the batches covering the first ``lead`` samples
+    (where the samples are ordered hardest first, the ones nearly every candidate gets wrong). Racing through them
+    would switch sessions at every batch, which costs more than it saves there. Only cost depends on ``lead``.
+    """
+    total = int(sum(plan.sizes))
+    starts = np.cumsum([0] + list(plan.sizes))
+    race = [_Race(k, a) for k, a in candidates.items()]
+    best: _Race | None = None
+    results: dict[int, Outcome] = {}
+
+    def finish(r: _Race, stopped: bool) -> None:
+        r.out, r.sess = True, None
+        results[r.k] = Outcome(r.correct, r.seen, total, stopped)
+        if done is not None:
+            done(r.k, results[r.k])
+
+    def step(r: _Race) -> None:
+        nonlocal best
+        if r.sess is None:
+            r.sess = runner.session(plan.serialize_with(r.array))
+        j = r.batch
+        out = runner.run(r.sess, output, plan.feeds[j])[:plan.sizes[j]]
+        r.correct += count_correct(out, labels[starts[j]:starts[j + 1]], metric)
+        r.seen += plan.sizes[j]
+        r.batch += 1
+        if r.batch == len(plan.feeds):
+            if best is None or wins(r.correct, r.k, best.correct, best.k):
+                best = r
+            finish(r, False)
+
+    for r in race:
+        while not r.out and r.seen < lead:
+            step(r)
+    while True:
+        for r in race:
+            if not r.out and best is not None and not wins(r.correct + total - r.seen, r.k, best.correct, best.k):
+                finish(r, True)
+        live = [r for r in race if not r.out]
+        if not live:
+            break
+        # highest upper bound first; among equals, the one furthest on (fewer session switches), then smaller K
+        step(max(live, key=lambda c: (c.correct + total - c.seen, c.seen, -c.k)))
+    return results
 
 
 def outputs_of(plan: Plan, runner: Runner, output: str, array: np.ndarray | None) -> np.ndarray:
@@ -332,6 +473,23 @@ def weight_as_input(plan: Plan, runner: Runner, output: str):
                                for f, n in zip(plan.feeds, plan.sizes, strict=True)])
 
     return outputs
+
+
+def hardest_first(outputs: np.ndarray, labels: np.ndarray, metric: str) -> np.ndarray:
+    """Sample order, least confidently correct first: ascending margin of the label's score over its strongest
+    rival (for top-5, over the 5th strongest). The samples a candidate gets wrong are then mostly met early, so an
+    exact early stop comes sooner; counts, and so every decision, do not depend on the order."""
+    logits = outputs.reshape(len(outputs), -1).astype(np.float64)
+    n, classes = logits.shape
+    k = min(5 if metric == "top5" else 1, classes - 1)
+    if n == 0 or k < 1:
+        return np.arange(n)
+    rows = np.arange(n)
+    own = logits[rows, labels]
+    others = logits.copy()
+    others[rows, labels] = -np.inf
+    rival = np.partition(others, classes - k, axis=1)[:, classes - k]
+    return np.argsort(own - rival, kind="stable")
 
 
 def run_model(model: onnx.ModelProto | bytes, runner: Runner, io: IOInfo, x: np.ndarray,

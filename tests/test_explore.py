@@ -1,6 +1,9 @@
 """The exploration: greedy rule, and fast scoring / early stopping leaving the result identical."""
 
+import dataclasses
+
 import numpy as np
+import onnx
 import pytest
 from conftest import tiny_cnn, tiny_data
 
@@ -19,11 +22,14 @@ def _explore(model, x, y, **cfg):
 
 @pytest.mark.parametrize("batch", ["N", 1])
 @pytest.mark.parametrize("filter_", [1.0, 0.33])
-def test_fast_scoring_and_early_stop_leave_choices_identical(batch, filter_):
+@pytest.mark.parametrize("metric", ["top1", "top5", "agreement"])
+def test_fast_scoring_and_early_stop_leave_choices_identical(batch, filter_, metric):
+    """Suffix plans chained from layer to layer, the hardest-first sample order and the best-first race together
+    choose what plain full-network scoring of every candidate on every sample chooses, with the same counts."""
     model = tiny_cnn(seed=3, batch=batch)
-    x, y = tiny_data(model, n=96, noise=0.3)
-    plain, _ = _explore(model, x, y, filter=filter_, fast_scoring=False, early_stop=False)
-    fast, ex = _explore(model, x, y, filter=filter_, fast_scoring=True, early_stop=True)
+    x, y = tiny_data(model, n=96, noise=0.3 if metric != "top5" else 1.5)
+    plain, _ = _explore(model, x, y, filter=filter_, fast_scoring=False, early_stop=False, metric=metric)
+    fast, ex = _explore(model, x, y, filter=filter_, fast_scoring=True, early_stop=True, metric=metric)
     assert [d.chosen.k for d in fast.decisions] == [d.chosen.k for d in plain.decisions]
     assert [d.chosen.correct for d in fast.decisions] == [d.chosen.correct for d in plain.decisions]
     assert {d.plan for d in fast.decisions[1:]} == {"suffix"}  # later layers ran on cached activations
@@ -81,15 +87,72 @@ def test_suffix_plan_matches_full_network_outputs():
     work = score.working_copy(model)
     types = score.value_types(work)
     w2 = np.random.default_rng(0).normal(size=(8, 2, 3, 3)).astype(np.float32)
-    suffix = score.suffix_plan(work, "w2", x, io, 16, runner, 1 << 30, types)
-    full = score.full_plan(work, "w2", x, io, 16)
+
+    def inputs():
+        return score.full_plan(work, "w2", x, io, 16)
+
+    suffix = score.suffix_plan(work, "w2", io, runner, 1 << 30, types, [inputs()])
     assert suffix is not None and suffix.kind == "suffix"
     np.testing.assert_allclose(score.outputs_of(suffix, runner, "logits", w2),
-                               score.outputs_of(full, runner, "logits", w2), atol=1e-5)
+                               score.outputs_of(inputs(), runner, "logits", w2), atol=1e-5)
     # over the cache budget, no suffix plan
-    assert score.suffix_plan(work, "w2", x, io, 16, runner, 0, types) is None
+    assert score.suffix_plan(work, "w2", io, runner, 0, types, [inputs()]) is None
     # the first layer gains nothing from a cut
-    assert score.suffix_plan(work, "w1", x, io, 16, runner, 1 << 30, types) is None
+    assert score.suffix_plan(work, "w1", io, runner, 1 << 30, types, [inputs()]) is None
+
+
+def test_chained_activations_equal_activations_from_the_input():
+    """The next layer's cut computed from the previous layer's cached activations (with the previous weight fixed)
+    holds the same activations as a prefix run from the graph input."""
+    model = tiny_cnn(seed=3)
+    x, _ = tiny_data(model, n=37)
+    io = io_info(model)
+    runner = score.Runner(["CPUExecutionProvider"])
+    work = score.working_copy(model)
+    types = score.value_types(work)
+    first = score.suffix_plan(work, "w2", io, runner, 1 << 30, types, [score.full_plan(work, "w2", x, io, 8)])
+    score.weight_proto(work, "w2").CopyFrom(onnx.numpy_helper.from_array(
+        np.random.default_rng(1).normal(size=(8, 2, 3, 3)).astype(np.float32), "w2"))
+    chained = score.suffix_plan(work, "w3", io, runner, 1 << 30, types, [first])
+    direct = score.suffix_plan(work, "w3", io, runner, 1 << 30, types, [score.full_plan(work, "w3", x, io, 8)])
+    assert chained is not None and direct is not None and chained.boundary == direct.boundary
+    assert all(f is None for f in first.feeds)  # the source was consumed batch by batch
+    assert chained.sizes == direct.sizes
+    for a, b in zip(chained.feeds, direct.feeds, strict=True):
+        for name in chained.boundary:
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-6, atol=1e-6)
+    # a source the cut cannot be computed from is skipped (the next source is used), untouched
+    later = score.full_plan(work, "w3", x, io, 8)
+    unreachable = score.Plan(later.model, later.weight, [dict(f) for f in chained.feeds], chained.sizes, "suffix",
+                             ("not_a_tensor",))
+    plan = score.suffix_plan(work, "w3", io, runner, 1 << 30, types, [unreachable, later])
+    assert plan is not None and all(f is not None for f in unreachable.feeds)
+
+
+@pytest.mark.parametrize("fixed", [None, 4])
+def test_subset_plan_gathers_rows_of_the_cached_activations(fixed):
+    model = tiny_cnn(seed=1)
+    x, _ = tiny_data(model, n=30)
+    io = io_info(model)
+    if fixed:
+        io = dataclasses.replace(io, fixed_batch=fixed)
+    full = score.full_plan(score.working_copy(model), "w2", x, io, 8)
+    pos = np.array([0, 3, 8, 9, 17, 29])
+    sub = score.subset_plan(full, pos, io, 8)
+    assert sum(sub.sizes) == len(pos)
+    got = np.concatenate([f["x"][:n] for f, n in zip(sub.feeds, sub.sizes, strict=True)])
+    np.testing.assert_array_equal(got, x[pos])
+    if fixed:
+        assert all(len(f["x"]) == fixed for f in sub.feeds)
+
+
+def test_hardest_first_puts_wrong_and_low_margin_samples_first():
+    out = np.array([[5, 0, 0], [0, 1, 0.9], [0, 9, 0], [2, 1, 0]], np.float32)
+    y = np.array([0, 1, 0, 0])  # margins 5, 0.1, -9, 1
+    assert score.hardest_first(out, y, "top1").tolist() == [2, 1, 3, 0]
+    out5 = np.arange(12, dtype=np.float32).reshape(2, 6)
+    assert score.hardest_first(out5, np.array([5, 0]), "top5").tolist() == [1, 0]
+    assert score.hardest_first(out5[:, :1], np.array([0, 0]), "top1").tolist() == [0, 1]  # one class
 
 
 @pytest.mark.realdata

@@ -34,23 +34,51 @@ def test_working_copy_makes_input_initializers_constant():
     assert len(model.graph.input) > 1  # the input model is untouched
 
 
-def test_evaluate_stops_only_when_the_target_is_out_of_reach():
+def _race_setup(batch):
+    from axcnn.model import io_info
+
     model = tiny_cnn()
     x = np.random.default_rng(0).normal(size=(64, 1, 8, 8)).astype(np.float32)
     runner = score.Runner(["CPUExecutionProvider"])
-    work = score.working_copy(model)
-    from axcnn.model import io_info
+    plan = score.full_plan(score.working_copy(model), "w1", x, io_info(model), batch)
+    return plan, runner
 
-    plan = score.full_plan(work, "w1", x, io_info(model), 8)
-    w1 = np.zeros((8, 1, 3, 3), np.float32)
+
+@pytest.mark.parametrize("batch", [1, 8, 64])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("lead", [0, 20])
+def test_best_first_finds_the_exhaustive_winner_and_stops_only_provable_losers(batch, seed, lead):
+    plan, runner = _race_setup(batch)
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(0, 0.5, (8, 1, 3, 3)).astype(np.float32)
     labels = np.argmax(score.outputs_of(plan, runner, "logits", w1), axis=1)
-    full = score.evaluate(plan, runner, "logits", w1, labels, "top1")
-    assert (full.correct, full.seen, full.stopped_early) == (64, 64, False)
-    wrong = (labels + 1) % 10
-    out = score.evaluate(plan, runner, "logits", w1, wrong, "top1", need=60)
-    assert out.stopped_early and out.seen == 8  # after one batch: 0 + 56 remaining < 60
-    out = score.evaluate(plan, runner, "logits", w1, labels, "top1", need=64)
-    assert not out.stopped_early and out.correct == 64
+    # candidates: the weight with growing noise, and two identical ones (a tie that must go to the smaller K)
+    cands = {k: (w1 + rng.normal(0, 0.1 * k, w1.shape)).astype(np.float32) for k in (3, 5, 9, 12)}
+    cands[7] = cands[5].copy()
+    exhaustive = {k: score.evaluate(plan, runner, "logits", a, labels, "top1").correct for k, a in cands.items()}
+    winner = min(exhaustive, key=lambda k: (-exhaustive[k], k))
+    seen = []
+    out = score.best_first(plan, runner, "logits", cands, labels, "top1", lambda k, o: seen.append(k), lead=lead)
+    assert sorted(seen) == sorted(cands) and set(out) == set(cands)
+    assert not out[winner].stopped_early and out[winner].correct == exhaustive[winner]
+    for k, o in out.items():
+        if o.stopped_early:  # provably not the winner: its upper bound loses to the winner's exact count
+            assert o.correct + o.total - o.seen < exhaustive[winner] or (
+                o.correct + o.total - o.seen == exhaustive[winner] and k > winner)
+            assert o.seen < o.total
+        else:
+            assert o.correct == exhaustive[k] and o.seen == o.total
+    assert out[7].stopped_early or exhaustive[7] == exhaustive[5]  # never a winner over its twin K=5
+
+
+def test_best_first_stops_a_candidate_that_cannot_win_before_its_end():
+    plan, runner = _race_setup(8)
+    w1 = np.random.default_rng(3).normal(0, 0.5, (8, 1, 3, 3)).astype(np.float32)
+    labels = np.argmax(score.outputs_of(plan, runner, "logits", w1), axis=1)
+    cands = {4: w1, 6: np.zeros_like(w1)}  # all-zero weights: one constant prediction, mostly wrong
+    out = score.best_first(plan, runner, "logits", cands, labels, "top1")
+    assert out[4].correct == 64 and not out[4].stopped_early
+    assert out[6].stopped_early and out[6].seen < 64  # never ahead of the perfect K=4, so never run
 
 
 @pytest.mark.parametrize("batch", [1, 7, 256])
