@@ -40,8 +40,9 @@ class CompressConfig:
     batch_size   samples per onnxruntime call (a model with a fixed batch dimension uses that instead)
     min_weights  tensors with fewer weights are left dense
     cache_mb     memory budget for cached activations used by suffix scoring; above it, full-network scoring
-    fast_scoring run only the part of the network after the explored layer, on cached activations
-    early_stop   stop scoring a candidate once it provably cannot beat the incumbent
+    fast_scoring run only the part of the network after the explored layer, on activations cached per layer
+    early_stop   order samples hardest first and race candidates best-first, stopping each once it provably
+                 cannot beat one scored in full
     """
 
     kmin: int = 40
