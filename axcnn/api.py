@@ -9,7 +9,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from axcnn import __version__, report, rewrite, score
@@ -110,14 +109,10 @@ def compress(
     data = prepare(x_raw, y_raw, preprocess, io.input_shape, io.input_dtype)
     if config.limit is not None and config.limit < len(data):
         data = data.subset(stratified_subset(data.y, config.limit, config.seed))
-    calib_idx = None
-    if config.estimator == "kl":
-        rng = np.random.default_rng(config.seed + 1)
-        calib_idx = np.sort(rng.choice(len(data), size=min(config.calib, len(data)), replace=False))
 
     providers = score.select_providers(config.device)
     labels = None if config.metric == "agreement" else data.y
-    explorer = Explorer(model, io, data.x, labels, config, providers, calib_idx, progress)
+    explorer = Explorer(model, io, data.x, labels, config, providers, progress=progress)
     exploration = greedy(explorer, layers)
     if not exploration.decisions:
         raise AxcnnError("no layer could be shared: " + "; ".join(f"{n}: {r}" for n, r in exploration.skipped))

@@ -100,6 +100,8 @@ class Explorer:
         self._y = labels[order]
         self._previous: score.Plan | None = None  # the last layer's plan: its activations feed the next prefix
         if config.estimator == "kl":
+            if calib_idx is None:
+                calib_idx = calibration_indices(len(x), config.calib, config.seed)
             position = np.empty(len(order), dtype=np.int64)
             position[order] = np.arange(len(order))
             self._calib_pos = np.sort(position[calib_idx])
@@ -212,6 +214,13 @@ class Explorer:
 
     def current_model(self) -> onnx.ModelProto:
         return copy.deepcopy(self.current)
+
+
+def calibration_indices(n: int, calib: int, seed: int) -> np.ndarray:
+    """The ``kl`` estimator's calibration samples: ``min(calib, n)`` distinct indices into the scoring set,
+    drawn with the seed (sorted)."""
+    rng = np.random.default_rng(seed + 1)
+    return np.sort(rng.choice(n, size=min(calib, n), replace=False))
 
 
 def _check_labels(ref: np.ndarray, labels: np.ndarray, metric: str) -> None:

@@ -117,9 +117,7 @@ def run(model_key: str, layer_idx: list[int] | None, kmin: int, kmax: int, args)
         data = prepare(x_raw, y_raw, pre, io.input_shape, io.input_dtype)
         if cfg.limit is not None and cfg.limit < len(data):
             data = data.subset(stratified_subset(data.y, cfg.limit, cfg.seed))
-        rng = np.random.default_rng(cfg.seed + 1)
-        calib_idx = np.sort(rng.choice(len(data), size=min(cfg.calib, len(data)), replace=False))
-        explorer = Explorer(model, io, data.x, data.y, cfg, score.select_providers(cfg.device), calib_idx)
+        explorer = Explorer(model, io, data.x, data.y, cfg, score.select_providers(cfg.device))  # calib as compress
         exploration = greedy(explorer, [specs[i] for i in layer_idx])
         layers = [(d.spec.name, d.spec.weights,
                    [{"k": c.k, "inertia": c.inertia, "estimate": c.estimate, "score": c.score} for c in d.candidates])

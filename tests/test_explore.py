@@ -9,7 +9,7 @@ from conftest import tiny_cnn, tiny_data
 
 from axcnn import score
 from axcnn.config import CompressConfig
-from axcnn.explore import Explorer, greedy
+from axcnn.explore import Explorer, calibration_indices, greedy
 from axcnn.model import inventory, io_info
 
 
@@ -77,6 +77,23 @@ def test_kl_estimator_records_estimates_and_matches_plain_choice():
         scored = sorted((c for c in d.candidates if c.scored), key=lambda c: (c.estimate, c.k))
         unscored = [c for c in d.candidates if not c.scored]
         assert all(s.estimate <= u.estimate for s in scored for u in unscored)
+
+
+@pytest.mark.parametrize(("n", "calib"), [(96, 32), (20, 256), (1, 1)])
+def test_kl_calibration_drawn_from_the_seed_when_not_given(n, calib):
+    """Without explicit calibration indices the explorer draws ``min(calib, n)`` distinct samples with the seed,
+    as ``compress`` does: the estimates equal those of a run given exactly those indices."""
+    model = tiny_cnn(seed=4)
+    x, y = tiny_data(model, n=n)
+    config = CompressConfig(kmin=2, kmax=6, filter=0.5, estimator="kl", min_weights=16, calib=calib, seed=3)
+    idx = calibration_indices(n, calib, 3)
+    assert len(idx) == min(n, calib) == len(np.unique(idx)) and idx.min() >= 0 and idx.max() < n
+    np.testing.assert_array_equal(idx, calibration_indices(n, calib, 3))  # reproducible
+    runs = [greedy(Explorer(model, io_info(model), x, y, config, ["CPUExecutionProvider"], given),
+                   inventory(model, 16)[0]) for given in (None, idx)]
+    for a, b in zip(*(r.decisions for r in runs), strict=True):
+        assert [c.estimate for c in a.candidates] == [c.estimate for c in b.candidates]
+        assert a.chosen.k == b.chosen.k
 
 
 def test_suffix_plan_matches_full_network_outputs():
@@ -156,10 +173,14 @@ def test_hardest_first_puts_wrong_and_low_margin_samples_first():
 
 
 @pytest.mark.realdata
-@pytest.mark.parametrize("name", ["cifar10_resnet8_tiny", "cifar10_squeezenet_nhwc"])
-def test_fast_scoring_identical_on_real_models(name):
-    """On real third-party graphs (residual adds, Concat fire modules, batch fixed to 1), suffix scoring on cached
-    activations and early stopping choose the same K per layer with the same correct counts as plain scoring."""
+@pytest.mark.parametrize(("name", "estimator"), [
+    ("cifar10_resnet8_tiny", "inertia"), ("cifar10_squeezenet_nhwc", "inertia"), ("cifar10_squeezenet_nhwc", "kl"),
+    ("cifar10_resnet20", "inertia"), ("cifar10_resnet20", "kl"),
+])
+def test_fast_scoring_identical_on_real_models(name, estimator):
+    """On real third-party graphs (residual adds, Concat fire modules, batch fixed to 1), suffix scoring on caches
+    chained from layer to layer and the best-first race choose the same K per layer with the same correct counts as
+    plain scoring; with ``kl`` the estimates (taken from the cached activations) rank the same candidates."""
     from conftest import REALDATA, realdata_manifest
 
     from axcnn.data import Preprocess, load_npz, prepare, stratified_subset
@@ -175,10 +196,16 @@ def test_fast_scoring_identical_on_real_models(name):
     data = prepare(x[idx], y[idx], pre, io.input_shape, io.input_dtype)
     runs = {}
     for fast in (False, True):
-        config = CompressConfig(kmin=3, kmax=8, filter=0.5, fast_scoring=fast, early_stop=fast, batch_size=64)
+        config = CompressConfig(kmin=3, kmax=8, filter=0.5, fast_scoring=fast, early_stop=fast, batch_size=64,
+                                estimator=estimator, calib=40)
         explorer = Explorer(model, io, data.x, data.y, config, ["CPUExecutionProvider"])
         runs[fast] = greedy(explorer, inventory(model, config.min_weights)[0])
     plain, fast = runs[False], runs[True]
     assert [(d.spec.name, d.chosen.k, d.chosen.correct) for d in fast.decisions] == \
         [(d.spec.name, d.chosen.k, d.chosen.correct) for d in plain.decisions]
     assert sum(d.plan == "suffix" for d in fast.decisions) >= len(fast.decisions) - 1
+    if estimator == "kl":  # the same candidates were scored: the estimate ranks them alike
+        for a, b in zip(plain.decisions, fast.decisions, strict=True):
+            assert [c.k for c in a.candidates if c.scored] == [c.k for c in b.candidates if c.scored]
+            np.testing.assert_allclose([c.estimate for c in a.candidates], [c.estimate for c in b.candidates],
+                                       rtol=1e-3, atol=1e-6)
