@@ -1,3 +1,6 @@
+import gc
+import weakref
+
 import numpy as np
 import pytest
 from conftest import tiny_cnn
@@ -46,8 +49,8 @@ def _race_setup(batch):
 
 @pytest.mark.parametrize("batch", [1, 8, 64])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("lead", [0, 20])
-def test_best_first_finds_the_exhaustive_winner_and_stops_only_provable_losers(batch, seed, lead):
+@pytest.mark.parametrize(("lead", "live"), [(0, 4), (20, 4), (0, 1), (20, 2)])
+def test_best_first_finds_the_exhaustive_winner_and_stops_only_provable_losers(batch, seed, lead, live):
     plan, runner = _race_setup(batch)
     rng = np.random.default_rng(seed)
     w1 = rng.normal(0, 0.5, (8, 1, 3, 3)).astype(np.float32)
@@ -58,7 +61,8 @@ def test_best_first_finds_the_exhaustive_winner_and_stops_only_provable_losers(b
     exhaustive = {k: score.evaluate(plan, runner, "logits", a, labels, "top1").correct for k, a in cands.items()}
     winner = min(exhaustive, key=lambda k: (-exhaustive[k], k))
     seen = []
-    out = score.best_first(plan, runner, "logits", cands, labels, "top1", lambda k, o: seen.append(k), lead=lead)
+    out = score.best_first(plan, runner, "logits", cands, labels, "top1", lambda k, o: seen.append(k), lead=lead,
+                           live_sessions=live)
     assert sorted(seen) == sorted(cands) and set(out) == set(cands)
     assert not out[winner].stopped_early and out[winner].correct == exhaustive[winner]
     for k, o in out.items():
@@ -79,6 +83,45 @@ def test_best_first_stops_a_candidate_that_cannot_win_before_its_end():
     out = score.best_first(plan, runner, "logits", cands, labels, "top1")
     assert out[4].correct == 64 and not out[4].stopped_early
     assert out[6].stopped_early and out[6].seen < 64  # never ahead of the perfect K=4, so never run
+
+
+class _CountingRunner(score.Runner):
+    """Counts the sessions alive (created and not yet garbage-collected) and the most at once."""
+
+    def __init__(self):
+        super().__init__(["CPUExecutionProvider"])
+        self.alive = self.most = self.created = 0
+
+    def session(self, model):
+        sess = super().session(model)
+        self.alive += 1
+        self.created += 1
+        self.most = max(self.most, self.alive)
+        weakref.finalize(sess, self._gone)
+        return sess
+
+    def _gone(self):
+        self.alive -= 1
+
+
+@pytest.mark.parametrize("live", [1, 3, 4, 20])
+def test_best_first_keeps_at_most_live_sessions_open(live):
+    plan, _ = _race_setup(8)
+    runner = _CountingRunner()
+    rng = np.random.default_rng(5)
+    w1 = rng.normal(0, 0.5, (8, 1, 3, 3)).astype(np.float32)
+    labels = np.argmax(score.outputs_of(plan, runner, "logits", w1), axis=1)
+    cands = {k: (w1 + rng.normal(0, 0.05 * k, w1.shape)).astype(np.float32) for k in range(2, 14)}
+    gc.collect()
+    runner.most = runner.alive
+    out = score.best_first(plan, runner, "logits", cands, labels, "top1", lead=16, live_sessions=live)
+    gc.collect()
+    assert runner.most <= min(live, len(cands)) and runner.alive == 0
+    reference = score.best_first(plan, score.Runner(["CPUExecutionProvider"]), "logits", cands, labels, "top1",
+                                 lead=16, live_sessions=len(cands))
+    assert out == reference  # only cost depends on the number of open sessions
+    with pytest.raises(ValueError, match="live_sessions"):
+        score.best_first(plan, runner, "logits", cands, labels, "top1", live_sessions=0)
 
 
 @pytest.mark.parametrize("batch", [1, 7, 256])
