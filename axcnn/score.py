@@ -266,7 +266,11 @@ def _activations(model: onnx.ModelProto, wanted: list[str], source: Plan, runner
         values = {}
         if sess is not None:
             try:
-                values = dict(zip(missing, sess.run(missing, {n: feed[n] for n in used}), strict=True))
+                # copies: an array onnxruntime returns keeps its session's whole memory arena alive, so cached
+                # outputs would pin every batch's arena block even after the source batches they replace are freed
+                # (measured: RSS grew by the new cache while the old one was released)
+                values = {n: np.array(v, copy=True)
+                          for n, v in zip(missing, sess.run(missing, {n: feed[n] for n in used}), strict=True)}
             except Exception as exc:
                 log.debug("prefix run failed (%s); full-network scoring", _first_line(exc))
                 return None
