@@ -126,11 +126,14 @@ def _floats(ctx, param, value):
 @click.option("--seed", type=int, help="Seed for subsets and Lloyd backends [default 0].")
 @click.option("--min-weights", type=int, help="Leave tensors with fewer weights dense [default 64].")
 @click.option("--cache-mb", type=int, help="Memory budget for cached activations [default 2048].")
+@click.option("--plain-scoring", is_flag=True, default=None,
+              help="Score every chosen candidate on the full network over every sample (slow; the same result).")
 @click.option("--output-name", help="Model output to score [default: the first].")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary; errors only.")
 def compress(model, data, output, report_path, kmin, kmax, filter_, estimator, calib, scale, mean, std, layout,
-             limit, batch_size, metric, kmeans, device, seed, min_weights, cache_mb, output_name, verbose, quiet):
+             limit, batch_size, metric, kmeans, device, seed, min_weights, cache_mb, plain_scoring, output_name,
+             verbose, quiet):
     """Weight-share MODEL, scoring candidates on the labelled test set --data."""
     _setup_logging(verbose, quiet)
     from pathlib import Path
@@ -139,6 +142,7 @@ def compress(model, data, output, report_path, kmin, kmax, filter_, estimator, c
         "kmin": kmin, "kmax": kmax, "filter": filter_, "estimator": estimator, "calib": calib, "limit": limit,
         "batch_size": batch_size, "metric": metric, "kmeans": kmeans, "device": device, "seed": seed,
         "min_weights": min_weights, "cache_mb": cache_mb,
+        "fast_scoring": False if plain_scoring else None, "early_stop": False if plain_scoring else None,
     }
     pre = {"scale": scale, "mean": mean, "std": std, "layout": layout}
     progress = _Progress(enabled=not quiet)

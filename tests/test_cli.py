@@ -47,6 +47,26 @@ def test_default_report_path_sits_beside_output(tiny_files, tmp_path):
     assert (tmp_path / "model.shared.report.json").is_file()
 
 
+def test_plain_scoring_flag_gives_the_same_result(tiny_files, tmp_path):
+    """--plain-scoring turns off suffix scoring and early stopping (recorded in the report's settings); the
+    chosen K, the scores and the written weights are the same as with the default fast scoring."""
+    mp, dp = tiny_files
+    reports, weights = {}, {}
+    for tag, extra in (("fast", []), ("plain", ["--plain-scoring"])):
+        out, rep = tmp_path / f"{tag}.onnx", tmp_path / f"{tag}.json"
+        r = _run(["compress", str(mp), "--data", str(dp), "-o", str(out), "--report", str(rep), *FAST, *extra])
+        assert r.exit_code == 0, r.output
+        reports[tag] = json.loads(rep.read_text())
+        weights[tag] = {t.name: t.SerializeToString() for t in onnx.load(str(out)).graph.initializer}
+    fast, plain = reports["fast"], reports["plain"]
+    assert (fast["settings"]["fast_scoring"], fast["settings"]["early_stop"]) == (True, True)
+    assert (plain["settings"]["fast_scoring"], plain["settings"]["early_stop"]) == (False, False)
+    assert [(x["name"], x["k"], x["score"]) for x in fast["layers"]] == \
+        [(x["name"], x["k"], x["score"]) for x in plain["layers"]]
+    assert fast["final_score"] == plain["final_score"] and weights["fast"] == weights["plain"]
+    assert all(not c["stopped_early"] for x in plain["layers"] for c in x["candidates"])
+
+
 def _bad_model_nan(tmp_path):
     m = tiny_cnn()
     w = numpy_helper.to_array(m.graph.initializer[3]).copy()
