@@ -123,7 +123,7 @@ def _floats(ctx, param, value):
 @click.option("--metric", type=click.Choice(["top1", "top5", "agreement"]), help="Score [default top1].")
 @click.option("--kmeans", type=click.Choice(["exact", "faiss", "sklearn"]), help="Clustering backend [default exact].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to run [default auto].")
-@click.option("--seed", type=int, help="Seed for subsets and Lloyd backends [default 0].")
+@click.option("--seed", type=int, help="Seed for subsets, calibration draws, Lloyd [default 0].")
 @click.option("--min-weights", type=int, help="Leave tensors with fewer weights dense [default 64].")
 @click.option("--cache-mb", type=int, help="Memory budget for cached activations [default 2048].")
 @click.option("--plain-scoring", is_flag=True, default=None,

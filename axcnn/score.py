@@ -266,9 +266,9 @@ def _activations(model: onnx.ModelProto, wanted: list[str], source: Plan, runner
         values = {}
         if sess is not None:
             try:
-                # copies: an array onnxruntime returns keeps its session's whole memory arena alive, so cached
-                # outputs would pin every batch's arena block even after the source batches they replace are freed
-                # (measured: RSS grew by the new cache while the old one was released)
+                # copies, so that no cached array holds on to onnxruntime's output memory: without them, RSS grew
+                # by the whole new cache while the old one was released batch by batch (the freed memory was not
+                # reused); with them it stayed flat (ResNet-20 peak 2.9 -> 2.2 GB)
                 values = {n: np.array(v, copy=True)
                           for n, v in zip(missing, sess.run(missing, {n: feed[n] for n in used}), strict=True)}
             except Exception as exc:
