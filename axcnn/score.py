@@ -393,8 +393,9 @@ class _Race:
 
 
 # Sessions of a race kept open at once. Each holds onnxruntime's memory for a batch (about 100 MB for ResNet-20 at
-# batch 256), so with every candidate's session open a race at --filter 1.0 (41 candidates) peaked at 5.5 GB; a
-# closed session is rebuilt from the serialized model when its candidate runs again (tens of milliseconds).
+# batch 256, inferred from peak RSS), so with every candidate's session open a race at --filter 1.0 (41
+# candidates) peaked at 5.5 GB; a closed session is rebuilt from the serialized model when its candidate runs
+# again (tens of milliseconds).
 LIVE_SESSIONS = 4
 
 
