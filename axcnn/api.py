@@ -15,8 +15,9 @@ from axcnn import __version__, report, rewrite, score
 from axcnn.config import CompressConfig
 from axcnn.data import Preprocess, load_npz, prepare, stratified_subset
 from axcnn.errors import AxcnnError
-from axcnn.explore import Explorer, Progress, greedy
+from axcnn.explore import Explorer, Progress
 from axcnn.model import inventory, io_info, load_model, uses_external_data
+from axcnn.search.greedy import greedy
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,10 @@ def compress(
     report_file = Path(report_path) if report_path is not None else None
     _check_paths(model_path, output, report_file)
 
+    if config.mode != "greedy" or config.repair != "none" or config.weighting != "none" or config.assign != "nearest" \
+            or config.fold_bn or config.holdout:
+        raise AxcnnError("budget modes, repair, weighting, gptq assignment, --fold-bn and --holdout are not "
+                         "available yet in this build")
     model = load_model(model_path)
     io = io_info(model, output_name)
     layers, skipped = inventory(model, config.min_weights)

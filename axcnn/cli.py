@@ -101,6 +101,50 @@ def _floats(ctx, param, value):
         raise click.BadParameter(str(exc)) from exc
 
 
+def _click_type(kind: str, choices: tuple[str, ...]):
+    return {"int": int, "float": float, "str": str, "bool": bool, "floats": str,
+            "path": click.Path(dir_okay=False)}.get(kind) or click.Choice(list(choices))
+
+
+def options_from(*classes):
+    """click options for every CLI option field of the given option dataclasses (see axcnn.options), in
+    declaration order. Every option defaults to None, so only what the user set is passed on."""
+    from axcnn.options import cli_flag, option_fields
+
+    def decorate(f):
+        for cls in reversed(classes):
+            for fld, o in reversed(option_fields(cls)):
+                if not o.cli:
+                    continue
+                default = o.default_text if o.default_text is not None else (
+                    None if fld.default is None else str(fld.default))
+                help_text = o.help + (f" [default: {default}]" if default not in (None, "False") else "")
+                if o.kind == "bool":
+                    f = click.option(cli_flag(fld, o), fld.name, is_flag=True, default=None, help=help_text)(f)
+                else:
+                    f = click.option(cli_flag(fld, o), fld.name, type=_click_type(o.kind, o.choices),
+                                     callback=_floats if o.kind == "floats" else None, metavar=o.metavar,
+                                     default=None, help=help_text)(f)
+        return f
+
+    return decorate
+
+
+def _split(values: dict, cls) -> dict:
+    """The user-set values (not None) that belong to option dataclass ``cls``."""
+    from axcnn.options import option_fields
+
+    names = {f.name for f, _ in option_fields(cls)}
+    return {k: v for k, v in values.items() if k in names and v is not None}
+
+
+def _config_classes():
+    from axcnn.config import CompressConfig
+    from axcnn.data import Preprocess
+
+    return CompressConfig, Preprocess
+
+
 @main.command(epilog=COMPRESS_EXAMPLES)
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--data", "data", required=True, type=click.Path(dir_okay=False),
@@ -109,51 +153,27 @@ def _floats(ctx, param, value):
               "[default: MODEL-STEM.shared.onnx in the current folder].")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False),
               help="Write the JSON report here [default: OUTPUT with .report.json].")
-@click.option("--kmin", type=int, help="Smallest K explored per layer [default 40].")
-@click.option("--kmax", type=int, help="Largest K explored per layer [default 80].")
-@click.option("--filter", "filter_", type=float, help="Fraction of candidates fully scored, (0, 1] [default 0.15].")
-@click.option("--estimator", type=click.Choice(["inertia", "kl"]), help="What ranks candidates [default inertia].")
-@click.option("--calib", type=int, help="Calibration samples for --estimator kl [default 256].")
-@click.option("--scale", type=float, help="Divide images by this (turns on NHWC image preprocessing).")
-@click.option("--mean", callback=_floats, help="Per-channel mean, comma separated: m1,m2,..")
-@click.option("--std", callback=_floats, help="Per-channel std, comma separated: s1,s2,..")
-@click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), help="The model's input layout [default: inferred].")
-@click.option("--limit", type=int, help="Score on a seeded, label-stratified subset of N samples.")
-@click.option("--batch-size", type=int, help="Samples per onnxruntime call [default 256].")
-@click.option("--metric", type=click.Choice(["top1", "top5", "agreement"]), help="Score [default top1].")
-@click.option("--kmeans", type=click.Choice(["exact", "faiss", "sklearn"]), help="Clustering backend [default exact].")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where to run [default auto].")
-@click.option("--seed", type=int, help="Seed for subsets, calibration draws, Lloyd [default 0].")
-@click.option("--min-weights", type=int, help="Leave tensors with fewer weights dense [default 64].")
-@click.option("--cache-mb", type=int, help="Memory budget for cached activations [default 2048].")
+@options_from(*_config_classes())
 @click.option("--plain-scoring", is_flag=True, default=None,
               help="Score every chosen candidate on the full network over every sample (slow; the same result).")
 @click.option("--output-name", help="Model output to score [default: the first].")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary; errors only.")
-def compress(model, data, output, report_path, kmin, kmax, filter_, estimator, calib, scale, mean, std, layout,
-             limit, batch_size, metric, kmeans, device, seed, min_weights, cache_mb, plain_scoring, output_name,
-             verbose, quiet):
+def compress(model, data, output, report_path, plain_scoring, output_name, verbose, quiet, **options):
     """Weight-share MODEL, scoring candidates on the labelled test set --data."""
     _setup_logging(verbose, quiet)
     from pathlib import Path
 
-    user = {
-        "kmin": kmin, "kmax": kmax, "filter": filter_, "estimator": estimator, "calib": calib, "limit": limit,
-        "batch_size": batch_size, "metric": metric, "kmeans": kmeans, "device": device, "seed": seed,
-        "min_weights": min_weights, "cache_mb": cache_mb,
-        "fast_scoring": False if plain_scoring else None, "early_stop": False if plain_scoring else None,
-    }
-    pre = {"scale": scale, "mean": mean, "std": std, "layout": layout}
+    if plain_scoring:
+        options.update(fast_scoring=False, early_stop=False)
+    config_cls, pre_cls = _config_classes()
     progress = _Progress(enabled=not quiet)
     try:
         from axcnn.api import compress as run
         from axcnn.api import default_output
-        from axcnn.config import CompressConfig
-        from axcnn.data import Preprocess
 
-        config = CompressConfig(**{k: v for k, v in user.items() if v is not None})
-        preprocess = Preprocess(**{k: v for k, v in pre.items() if v is not None})
+        config = config_cls(**_split(options, config_cls))
+        preprocess = pre_cls(**_split(options, pre_cls))
         out = Path(output) if output else default_output(model)
         rep_path = Path(report_path) if report_path else out.with_name(out.name.removesuffix(".onnx") + ".report.json")
         from tqdm.contrib.logging import logging_redirect_tqdm

@@ -1,6 +1,17 @@
 """Options for a compression run, as one frozen dataclass validated at construction.
 
-This is the single source of defaults: the CLI passes on only the options the user set.
+This is the single source of defaults: the CLI passes on only the options the user set, and the batch TOML keys
+are these field names (see :mod:`axcnn.options`). A few defaults depend on the search mode; they are resolved at
+construction, so a config always holds concrete values:
+
+=============  ======================  ==================================
+option         greedy (Algorithms 1/2)  budget (--max-loss / --target-cr)
+=============  ======================  ==================================
+kmin, kmax     40, 80                  2, 256
+holdout        0.0                     0.3
+calib          256                     1024
+repair         none                    scale
+=============  ======================  ==================================
 """
 
 from __future__ import annotations
@@ -8,83 +19,94 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+from axcnn.options import at_least, between, opt, validate
+
 ESTIMATORS = ("inertia", "kl")
 METRICS = ("top1", "top5", "agreement")
 KMEANS_BACKENDS = ("exact", "faiss", "sklearn")
 DEVICES = ("auto", "cpu", "cuda")
+REPAIRS = ("none", "bias", "scale")
+WEIGHTINGS = ("none", "input")
+ASSIGNS = ("nearest", "gptq")
 
-
-def _require(ok: bool, field: str, value, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"{field}={value!r} is invalid: allowed {allowed}")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+#: mode -> defaults of the options whose default depends on the mode
+MODE_DEFAULTS = {
+    "greedy": {"kmin": 40, "kmax": 80, "holdout": 0.0, "calib": 256, "repair": "none"},
+    "budget": {"kmin": 2, "kmax": 256, "holdout": 0.3, "calib": 1024, "repair": "scale"},
+}
 
 
 @dataclass(frozen=True)
 class CompressConfig:
-    """Settings of one ``compress`` run.
+    """Settings of one ``compress`` run. Each field's help text is in its declaration (and in ``--help``)."""
 
-    kmin, kmax   range of cluster counts K explored per layer (1 <= kmin <= kmax <= 65536)
-    filter       fraction of a layer's candidates fully scored, best first by the estimator (0 < filter <= 1);
-                 1.0 is the paper's Algorithm 1, smaller values its Algorithm 2
-    estimator    what ranks candidates before scoring: k-means ``inertia`` (the paper) or output ``kl``
-    calib        calibration samples for the ``kl`` estimator
-    metric       ``top1``/``top5`` against labels, or ``agreement`` with the uncompressed model's top-1
-    kmeans       clustering backend: ``exact`` optimal 1-D k-means, ``faiss`` or ``sklearn`` (Lloyd)
-    device       ``auto`` uses CUDA for onnxruntime and faiss when present, else the CPU
-    seed         seeds subsets, calibration draws and Lloyd backends
-    limit        score on a seeded, label-stratified subset of this many samples (None: all)
-    batch_size   samples per onnxruntime call (a model with a fixed batch dimension uses that instead)
-    min_weights  tensors with fewer weights are left dense
-    cache_mb     memory budget for cached activations used by suffix scoring; above it, full-network scoring
-    fast_scoring run only the part of the network after the explored layer, on activations cached per layer
-    early_stop   order samples hardest first and race candidates best-first, stopping each once it provably
-                 cannot beat one scored in full
-    """
-
-    kmin: int = 40
-    kmax: int = 80
-    filter: float = 0.15
-    estimator: str = "inertia"
-    calib: int = 256
-    metric: str = "top1"
-    kmeans: str = "exact"
-    device: str = "auto"
-    seed: int = 0
-    limit: int | None = None
-    batch_size: int = 256
-    min_weights: int = 64
-    cache_mb: int = 2048
-    fast_scoring: bool = True
-    early_stop: bool = True
+    kmin: int | None = opt(None, "Smallest K explored per layer.", "int", check=between(1, 65536),
+                           allowed="an integer in [1, 65536]", default_text="40; 2 with a budget")
+    kmax: int | None = opt(None, "Largest K explored per layer.", "int", check=between(1, 65536),
+                           allowed="an integer in [1, 65536]", default_text="80; 256 with a budget")
+    filter: float = opt(0.15, "Fraction of a layer's candidates fully scored, best first by the estimator; 1.0 is "
+                        "the paper's Algorithm 1.", "float", check=between(0, 1, open_low=True),
+                        allowed="a fraction in (0, 1]")
+    estimator: str = opt("inertia", "What ranks a layer's candidates before scoring: k-means inertia (the paper) "
+                         "or output KL divergence on --calib samples.", "choice", choices=ESTIMATORS)
+    calib: int | None = opt(None, "Calibration samples: for --estimator kl, and for the sensitivity table and the "
+                            "repair in budget modes.", "int", check=at_least(1), allowed="an integer >= 1",
+                            default_text="256; 1024 with a budget")
+    metric: str = opt("top1", "Score: top-1/top-5 against labels, or agreement with the original model's top-1.",
+                      "choice", choices=METRICS)
+    kmeans: str = opt("exact", "Clustering backend: optimal 1-D k-means, or Lloyd's algorithm in faiss/sklearn.",
+                      "choice", choices=KMEANS_BACKENDS)
+    device: str = opt("auto", "Where to run onnxruntime and faiss: auto uses CUDA when present, else the CPU.",
+                      "choice", choices=DEVICES)
+    seed: int = opt(0, "Seed for subsets, splits, calibration draws and Lloyd backends.", "int", check=at_least(0),
+                    allowed="an integer >= 0")
+    limit: int | None = opt(None, "Use a seeded, label-stratified subset of N samples.", "int", check=at_least(1),
+                            allowed="an integer >= 1", metavar="N")
+    batch_size: int = opt(256, "Samples per onnxruntime call (a model with a fixed batch size uses that).", "int",
+                          check=at_least(1), allowed="an integer >= 1")
+    min_weights: int = opt(64, "Leave tensors with fewer weights dense.", "int", check=at_least(1),
+                           allowed="an integer >= 1")
+    cache_mb: int = opt(2048, "Memory budget (MB) for cached activations used by suffix scoring.", "int",
+                        check=at_least(0), allowed="an integer >= 0")
+    fast_scoring: bool = opt(True, "Run only the part of the network after the explored layer, on cached "
+                             "activations.", "bool", cli=False)
+    early_stop: bool = opt(True, "Race candidates best-first over hardest-first samples, stopping each once it "
+                           "provably cannot win.", "bool", cli=False)
+    # -- budget modes -------------------------------------------------------------------------------------------
+    max_loss: float | None = opt(None, "Budget mode: the smallest model (largest Eq. 1 ratio) whose top-1 loss on "
+                                 "held-out verification samples is at most PP points.", "float", check=at_least(0),
+                                 allowed="a number of points >= 0", metavar="PP")
+    target_cr: float | None = opt(None, "Budget mode: the most accurate model whose Eq. 1 ratio is at least X.",
+                                  "float", check=at_least(1), allowed="a ratio >= 1", metavar="X")
+    holdout: float | None = opt(None, "Fraction of the data held out (seeded, label-stratified) to verify the "
+                                "result on samples the search never saw.", "float",
+                                check=between(0, 1, open_high=True), allowed="a fraction in [0, 1)",
+                                default_text="0; 0.3 with a budget")
+    repair: str | None = opt(None, "After clustering a layer, refit by least squares a per-output-channel scale "
+                             "(stored as a multiply after the layer) and the bias, or the bias only, so the layer's "
+                             "output matches the dense one.", "choice", choices=REPAIRS,
+                             default_text="none; scale with a budget")
+    weighting: str = opt("none", "Data-aware clustering: weight each weight by the second moment of the input it "
+                         "multiplies.", "choice", choices=WEIGHTINGS)
+    assign: str = opt("nearest", "How weights get their centroid: the nearest, or GPTQ-style error feedback.",
+                      "choice", choices=ASSIGNS)
+    fold_bn: bool = opt(False, "Fold BatchNormalization and per-channel Mul/Add after a Conv/Gemm into its weight "
+                        "and bias before clustering.", "bool")
 
     def __post_init__(self) -> None:
-        _require(_is_int(self.kmin) and 1 <= self.kmin <= 65536, "kmin", self.kmin, "an integer in [1, 65536]")
-        _require(_is_int(self.kmax) and 1 <= self.kmax <= 65536, "kmax", self.kmax, "an integer in [1, 65536]")
-        _require(self.kmin <= self.kmax, "kmin", self.kmin, f"at most kmax ({self.kmax})")
-        _require(
-            isinstance(self.filter, (int, float)) and not isinstance(self.filter, bool)
-            and math.isfinite(self.filter) and 0 < self.filter <= 1,
-            "filter", self.filter, "a fraction in (0, 1]",
-        )
-        _require(self.estimator in ESTIMATORS, "estimator", self.estimator, " | ".join(ESTIMATORS))
-        _require(_is_int(self.calib) and self.calib >= 1, "calib", self.calib, "an integer >= 1")
-        _require(self.metric in METRICS, "metric", self.metric, " | ".join(METRICS))
-        _require(self.kmeans in KMEANS_BACKENDS, "kmeans", self.kmeans, " | ".join(KMEANS_BACKENDS))
-        _require(self.device in DEVICES, "device", self.device, " | ".join(DEVICES))
-        _require(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
-        _require(self.limit is None or (_is_int(self.limit) and self.limit >= 1), "limit", self.limit,
-                 "None or an integer >= 1")
-        _require(_is_int(self.batch_size) and self.batch_size >= 1, "batch_size", self.batch_size,
-                 "an integer >= 1")
-        _require(_is_int(self.min_weights) and self.min_weights >= 1, "min_weights", self.min_weights,
-                 "an integer >= 1")
-        _require(_is_int(self.cache_mb) and self.cache_mb >= 0, "cache_mb", self.cache_mb, "an integer >= 0")
-        _require(isinstance(self.fast_scoring, bool), "fast_scoring", self.fast_scoring, "True or False")
-        _require(isinstance(self.early_stop, bool), "early_stop", self.early_stop, "True or False")
+        for name, value in MODE_DEFAULTS[self.mode].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        validate(self)
+        if self.kmin > self.kmax:
+            raise ValueError(f"kmin={self.kmin!r} is invalid: allowed at most kmax ({self.kmax})")
+        if self.max_loss is not None and self.target_cr is not None:
+            raise ValueError(f"target_cr={self.target_cr!r} is invalid: allowed None when max_loss is set "
+                             "(give one budget)")
+
+    @property
+    def mode(self) -> str:
+        return "budget" if self.max_loss is not None or self.target_cr is not None else "greedy"
 
     def candidates_to_score(self, n_candidates: int) -> int:
         """How many of a layer's ``n_candidates`` get fully scored: the best ``filter`` fraction, at least one."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from axcnn.errors import AxcnnError
+from axcnn.options import opt
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +70,11 @@ class Preprocess:
     to ``layout`` (the model's input layout; inferred from the model input shape when None).
     """
 
-    scale: float | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    layout: str | None = None
+    scale: float | None = opt(None, "Divide images by this (turns on NHWC image preprocessing).", "float",
+                              allowed="a finite number > 0")
+    mean: tuple[float, ...] | None = opt(None, "Per-channel mean, comma separated: m1,m2,..", "floats")
+    std: tuple[float, ...] | None = opt(None, "Per-channel std, comma separated: s1,s2,..", "floats")
+    layout: str | None = opt(None, "The model's input layout.", "choice", choices=LAYOUTS, default_text="inferred")
 
     def __post_init__(self) -> None:
         if self.scale is not None:

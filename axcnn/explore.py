@@ -1,8 +1,9 @@
-"""Design-space exploration: the paper's greedy layer-by-layer search (Algorithms 1 and 2).
+"""The Explorer: what every search strategy shares (see axcnn/search/).
 
-For each layer in topological order: cluster for every K in [kmin, kmax], rank the candidates with the estimator,
-fully score the best ``filter`` fraction, keep the one with the lowest accuracy loss (ties towards smaller K), fix
-that layer in the network and move on.
+It holds the network being compressed, the scoring data, the reference outputs and the runner, and knows how to
+explore one layer the paper's way: cluster for every K in [kmin, kmax], rank the candidates with the estimator,
+fully score the best ``filter`` fraction, keep the one with the lowest accuracy loss (ties towards smaller K), and
+fix that layer in the network. Strategies decide which layers to explore and what to keep.
 """
 
 from __future__ import annotations
@@ -230,19 +231,3 @@ def _check_labels(ref: np.ndarray, labels: np.ndarray, metric: str) -> None:
                          f"the data has labels from {labels.min()} to {labels.max()}")
     if metric == "top5" and classes < 5:
         raise AxcnnError(f"--metric top5 needs at least 5 classes; the model has {classes}")
-
-
-def greedy(explorer: Explorer, layers: list[LayerSpec]) -> Exploration:
-    """Run the greedy exploration over ``layers`` (topological order)."""
-    decisions: list[LayerDecision] = []
-    skipped: list[tuple[str, str]] = []
-    for i, spec in enumerate(layers):
-        result = explorer.explore_layer(spec, i, len(layers))
-        if isinstance(result, str):
-            log.info("leaving %s dense: %s", spec.name, result)
-            skipped.append((spec.name, result))
-            explorer.progress("layer", index=i, total=len(layers), name=spec.name, candidates=0)
-        else:
-            decisions.append(result)
-    return Exploration(tuple(decisions), tuple(skipped), explorer.reference_correct, len(explorer.labels),
-                       explorer.t_pass_s, explorer.config.estimator)

@@ -41,8 +41,9 @@ from axcnn import score  # noqa: E402
 from axcnn.api import compress  # noqa: E402
 from axcnn.config import CompressConfig  # noqa: E402
 from axcnn.data import Preprocess, load_npz, prepare, stratified_subset  # noqa: E402
-from axcnn.explore import Explorer, greedy  # noqa: E402
+from axcnn.explore import Explorer  # noqa: E402
 from axcnn.model import inventory, io_info, load_model  # noqa: E402
+from axcnn.search.greedy import greedy  # noqa: E402
 
 REALDATA = REPO.parent / "shared" / "realdata"
 FRACTIONS = (0.05, 0.15, 0.33)

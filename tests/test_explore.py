@@ -9,8 +9,9 @@ from conftest import tiny_cnn, tiny_data
 
 from axcnn import score
 from axcnn.config import CompressConfig
-from axcnn.explore import Explorer, calibration_indices, greedy
+from axcnn.explore import Explorer, calibration_indices
 from axcnn.model import inventory, io_info
+from axcnn.search.greedy import greedy
 
 
 def _explore(model, x, y, **cfg):
