@@ -77,6 +77,15 @@ def _check_paths(model_path: Path, output: Path, report_path: Path | None) -> No
         raise AxcnnError("the output model and the report must be different files")
 
 
+def load_data(data_path, preprocess: Preprocess, io, config: CompressConfig):
+    """The scoring data, ready to feed the model: read, preprocessed and cut to ``config.limit`` samples."""
+    x_raw, y_raw = load_npz(data_path)
+    data = prepare(x_raw, y_raw, preprocess, io.input_shape, io.input_dtype)
+    if config.limit is not None and config.limit < len(data):
+        data = data.subset(stratified_subset(data.y, config.limit, config.seed))
+    return data
+
+
 def compress(
     model_path: str | os.PathLike,
     data_path: str | os.PathLike,
@@ -110,10 +119,7 @@ def compress(
     if not layers:
         raise AxcnnError(f"{model_path} has no Conv/ConvTranspose/Gemm/MatMul weight with at least "
                          f"{config.min_weights} values to share")
-    x_raw, y_raw = load_npz(data_path)
-    data = prepare(x_raw, y_raw, preprocess, io.input_shape, io.input_dtype)
-    if config.limit is not None and config.limit < len(data):
-        data = data.subset(stratified_subset(data.y, config.limit, config.seed))
+    data = load_data(data_path, preprocess, io, config)
 
     providers = score.select_providers(config.device)
     labels = None if config.metric == "agreement" else data.y
