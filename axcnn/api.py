@@ -16,6 +16,7 @@ from axcnn.config import CompressConfig
 from axcnn.data import Preprocess, load_npz, prepare, stratified_subset
 from axcnn.errors import AxcnnError
 from axcnn.explore import Explorer, Progress
+from axcnn.journal import Journal, fingerprint
 from axcnn.model import inventory, io_info, load_model, uses_external_data
 from axcnn.search.greedy import greedy
 
@@ -32,6 +33,12 @@ class Result:
 def default_output(model_path: str | os.PathLike) -> Path:
     """``model.onnx`` -> ``model.shared.onnx`` in the current directory (the input's folder may be read-only)."""
     return Path(Path(model_path).stem + ".shared.onnx")
+
+
+def default_run_dir(output_path: str | os.PathLike) -> Path:
+    """Where a run keeps its journal unless told: beside the output, ``out/m.shared.onnx`` -> ``out/m.shared.run``."""
+    p = Path(output_path)
+    return p.with_name(p.name.removesuffix(".onnx") + ".run")
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -95,11 +102,18 @@ def compress(
     preprocess: Preprocess | None = None,
     output_name: str | None = None,
     progress: Progress | None = None,
+    run_dir: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> Result:
     """Weight-share ``model_path`` using the labelled test set ``data_path`` and write the shared model.
 
     Returns the report (also written as JSON to ``report_path`` when given). Raises AxcnnError for user errors;
-    nothing is written then.
+    the output and the report are then not written.
+
+    Every scored candidate and every fixed layer is journaled in ``run_dir`` (default: :func:`default_run_dir`)
+    as it happens. ``resume=True`` continues the journal left there by a run that was stopped: nothing scored
+    then is scored again, and the output is the same, byte for byte, as that of a run never stopped. See
+    :mod:`axcnn.journal`.
     """
     t_start = time.perf_counter()
     config = config or CompressConfig()
@@ -120,10 +134,27 @@ def compress(
         raise AxcnnError(f"{model_path} has no Conv/ConvTranspose/Gemm/MatMul weight with at least "
                          f"{config.min_weights} values to share")
     data = load_data(data_path, preprocess, io, config)
-
-    providers = score.select_providers(config.device)
+    settings = report.settings_dict(config, preprocess, data_path, len(data), io)
+    skeleton = onnx.load(str(model_path), load_external_data=False)  # tensors still point at their files
     labels = None if config.metric == "agreement" else data.y
-    explorer = Explorer(model, io, data.x, labels, config, providers, progress=progress)
+    # the journal's fingerprint: what the results depend on (the data by content, not by path)
+    run_fp = fingerprint(model_files=model_files(model_path, skeleton), arrays=(data.x, labels),
+                         settings={k: v for k, v in settings.items() if k != "data"}, version=__version__)
+    try:
+        with Journal.open(run_dir if run_dir is not None else default_run_dir(output), run_fp, resume) as journal:
+            result = _run(model_path, model, skeleton, io, layers, skipped, data, labels, output, report_file,
+                          config, settings, progress, journal, t_start)
+            journal.finish()
+    except OSError as exc:  # a full disk, no permission: the environment, not a bug (the journal is kept)
+        where = f"cannot write {exc.filename}: " if exc.filename else ""
+        raise AxcnnError(f"{where}{exc.strerror or exc}") from None
+    return result
+
+
+def _run(model_path, model, skeleton, io, layers, skipped, data, labels, output, report_file, config, settings,
+         progress, journal, t_start) -> Result:
+    providers = score.select_providers(config.device)
+    explorer = Explorer(model, io, data.x, labels, config, providers, progress=progress, journal=journal)
     exploration = greedy(explorer, layers)
     if not exploration.decisions:
         raise AxcnnError("no layer could be shared: " + "; ".join(f"{n}: {r}" for n, r in exploration.skipped))
@@ -133,14 +164,15 @@ def compress(
         rewrite.SharedWeight(d.spec.name, d.clustering.centroids.astype(d.spec.dtype), d.clustering.indices)
         for d in exploration.decisions
     ]
-    settings = report.settings_dict(config, preprocess, data_path, len(data), io)
     metadata = {"axcnn.version": __version__, "axcnn.settings": json.dumps(settings, sort_keys=True)}
     out_model, stored = rewrite.share_weights(model, shared, metadata)
     rewrite.verify(out_model, shared)
-    skeleton = onnx.load(str(model_path), load_external_data=False)  # tensors still point at their files
     external = uses_external_data(skeleton) or out_model.ByteSize() > (2 << 30) - (1 << 20)
     t_final = time.perf_counter()
-    file_bytes_after = rewrite.write_model(out_model, output, external_data=external)
+    try:
+        file_bytes_after = rewrite.write_model(out_model, output, external_data=external)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(output)) from exc
     written = load_model(output)
     try:
         rewrite.verify(written, shared)  # the file on disk, not just the model in memory, decodes exactly
@@ -161,7 +193,13 @@ def compress(
         skipped=skipped, stored=stored, final_correct=final_correct, out_model=out_model, original=model,
         file_bytes_before=file_bytes_before, file_bytes_after=file_bytes_after,
         final_check_s=final_s, total_s=time.perf_counter() - t_start, providers=providers,
+        candidates_resumed=explorer.candidates_resumed,
     )
     if report_file is not None:
-        report.write_json(rep, report_file)
+        try:
+            report.write_json(rep, report_file)
+        except OSError as exc:  # no model without its report: remove the one just written
+            for f in model_files(output, onnx.load(str(output), load_external_data=False)):
+                f.unlink(missing_ok=True)
+            raise OSError(exc.errno, exc.strerror, str(report_file)) from exc
     return Result(output, report_file, rep)
