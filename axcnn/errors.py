@@ -12,3 +12,8 @@ class MissingBackendError(AxcnnError):
         super().__init__(f"{backend} is not installed; install it with: pip install 'axcnn[{extra}]'")
         self.backend = backend
         self.extra = extra
+
+
+class BudgetNotMet(AxcnnError):
+    """Budget mode found no model within the budget (--max-loss / --target-cr). ``axcnn batch`` counts it as a
+    broken gate (a failure), not an error."""
