@@ -67,9 +67,14 @@ def check_output_path(model_path: Path, target: Path, what: str) -> None:
             inputs = model_files(model_path, onnx.load(str(model_path), load_external_data=False))
         except Exception:  # an unreadable model is reported by load_model later
             pass
+    # a model output may bring its external data file, OUTPUT.data: it must not replace the input's either
+    companion = target.with_name(target.name + ".data") if what == "output" else None
     for src in inputs:
         if _same_file(target, src) or target.resolve() == src.resolve():
             raise AxcnnError(f"the {what} path {target} is the input model; choose another path")
+        if companion is not None and (_same_file(companion, src) or companion.resolve() == src.resolve()):
+            raise AxcnnError(f"the {what} path {target} would write its external data over the input's {src}; "
+                             "choose another path")
     if target.exists() and target.is_dir():
         raise AxcnnError(f"the {what} path {target} is a directory")
     if not target.resolve().parent.is_dir():

@@ -6,12 +6,14 @@ a truncated one; the temporary file is removed when writing fails.
 
 from __future__ import annotations
 
-import errno
+import logging
 import os
 import tempfile
 from pathlib import Path
 
 __all__ = ["atomic_write_bytes", "atomic_write_text"]
+
+log = logging.getLogger(__name__)
 
 
 def _mode_for(path: Path) -> int:
@@ -25,16 +27,16 @@ def _mode_for(path: Path) -> int:
 
 
 def _fsync_dir(folder: Path) -> None:
-    """Make the rename durable. Some filesystems cannot fsync a folder; the rename has happened anyway then."""
+    """Make the rename durable, as far as the filesystem allows. The new file is in place by now, so a failure here
+    is logged, not raised: raising would report a failed write of a file that was written whole."""
     try:
         fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
         return
     try:
         os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
-            raise
+    except OSError as exc:  # some filesystems cannot fsync a folder (EINVAL)
+        log.debug("could not fsync the folder %s: %s", folder, exc)
     finally:
         os.close(fd)
 

@@ -44,14 +44,6 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     root.propagate = False
 
 
-def _quiet_onnxruntime(verbose: int) -> None:
-    """onnxruntime logs its own errors to stderr before raising; axcnn reports them on its one line."""
-    if verbose < 2:
-        import onnxruntime
-
-        onnxruntime.set_default_logger_severity(4)
-
-
 def _fail(message: str) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(1)
@@ -225,7 +217,6 @@ def compress(model, data, output, report_path, plain_scoring, output_name, run_d
 
         config = config_cls(**_split(options, config_cls))
         preprocess = pre_cls(**_split(options, pre_cls))
-        _quiet_onnxruntime(verbose)
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         with logging_redirect_tqdm(loggers=[log]):  # log lines go above the bars, not through them
@@ -313,7 +304,6 @@ def batch_cmd(config, summary_path, junit_path, fail_fast, resume, verbose, quie
         for path, what in ((summary_file, "summary"), (junit_file, "JUnit")):
             if path is not None:
                 batch.check_result_path(path, what, plan)
-        _quiet_onnxruntime(verbose)
     except AxcnnError as exc:
         _fail(str(exc))
     outcomes = []

@@ -243,8 +243,13 @@ class Journal:
         return sum(1 for k in self._records if k.startswith(prefix))
 
     def finish(self) -> None:
-        """Mark the run finished: the next run without ``resume`` may replace this journal."""
-        self._append({"kind": "done"})
+        """Mark the run finished: the next run without ``resume`` may replace this journal. The run's results are
+        written by then, so a failure to record it is only logged (the journal then reads as unfinished)."""
+        try:
+            self._append({"kind": "done"})
+        except OSError as exc:
+            log.warning("could not mark the journal %s finished: %s", self.path, exc.strerror or exc)
+            return
         self.finished = True
 
     def close(self) -> None:
