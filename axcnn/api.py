@@ -59,14 +59,17 @@ def model_files(path: Path, model: onnx.ModelProto) -> list[Path]:
     return files
 
 
-def check_output_path(model_path: Path, target: Path, what: str) -> None:
-    """Refuse an output path that is the input model (or its external data), a folder, or in a missing folder."""
+def check_output_path(model_path: Path, target: Path, what: str, data_path: Path | None = None) -> None:
+    """Refuse an output path that is the input model (or its external data) or data, a folder, or in a missing
+    folder."""
     inputs = [model_path]
     if model_path.is_file():
         try:
             inputs = model_files(model_path, onnx.load(str(model_path), load_external_data=False))
         except Exception:  # an unreadable model is reported by load_model later
             pass
+    if data_path is not None and (_same_file(target, data_path) or target.resolve() == Path(data_path).resolve()):
+        raise AxcnnError(f"the {what} path {target} is the input data; choose another path")
     # a model output may bring its external data file, OUTPUT.data: it must not replace the input's either
     companion = target.with_name(target.name + ".data") if what == "output" else None
     for src in inputs:
@@ -81,10 +84,11 @@ def check_output_path(model_path: Path, target: Path, what: str) -> None:
         raise AxcnnError(f"the folder of the {what} path {target} does not exist")
 
 
-def _check_paths(model_path: Path, output: Path, report_path: Path | None) -> None:
-    check_output_path(model_path, output, "output")
+def _check_paths(model_path: Path, output: Path, report_path: Path | None, data_path=None) -> None:
+    data = Path(data_path) if data_path is not None else None
+    check_output_path(model_path, output, "output", data)
     if report_path is not None:
-        check_output_path(model_path, report_path, "report")
+        check_output_path(model_path, report_path, "report", data)
     if report_path is not None and output.resolve() == report_path.resolve():
         raise AxcnnError("the output model and the report must be different files")
 
@@ -126,7 +130,7 @@ def compress(
     model_path = Path(model_path)
     output = Path(output_path) if output_path is not None else default_output(model_path)
     report_file = Path(report_path) if report_path is not None else None
-    _check_paths(model_path, output, report_file)
+    _check_paths(model_path, output, report_file, data_path)
 
     if config.mode != "greedy" or config.repair != "none" or config.weighting != "none" or config.assign != "nearest" \
             or config.fold_bn or config.holdout:

@@ -141,8 +141,8 @@ def _check_keys(table: Mapping[str, Any], where: str, *, defaults: bool) -> None
 
 
 def _path(value: Any, key: str, base: Path, where: str) -> Path:
-    if not isinstance(value, str) or not value.strip():
-        raise AxcnnError(f"{key}={value!r} in {where} is invalid: allowed a path (a non-empty string)")
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        raise AxcnnError(f"{key}={value!r} in {where} is invalid: allowed a path (a non-empty string, no NUL byte)")
     p = Path(value).expanduser()
     return p if p.is_absolute() else base / p
 
