@@ -254,14 +254,19 @@ def _check_files(source: Path, jobs: list[Job]) -> None:
                 raise AxcnnError(f"{key} {str(p)!r} in {where} is also written by {written[r]}")
             if p.exists() and p.is_dir() != (key == "run_dir"):
                 raise AxcnnError(f"{key} {str(p)!r} in {where} is a {'file' if key == 'run_dir' else 'folder'}")
-            for parent in p.parents:
-                if parent.exists():
-                    if not parent.is_dir():
-                        raise AxcnnError(f"{key} {str(p)!r} in {where}: {parent} is a file, not a folder")
-                    break
+            _check_creatable(p, f"{key} {str(p)!r} in {where}")
             written[r] = where
         if job.output.with_name(job.output.name + ".data").resolve() in inputs:
             raise AxcnnError(f"output {str(job.output)!r} in {where} would overwrite an input's external data")
+
+
+def _check_creatable(p: Path, what: str) -> None:
+    """The missing folders on the way to ``p`` can be made: the nearest existing one is a folder."""
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise AxcnnError(f"{what}: {parent} is a file, not a folder")
+            return
 
 
 # ------------------------------------------------------------------------------------------------- running
@@ -395,19 +400,22 @@ def junit_xml(plan: Plan, outcomes: list[Outcome]) -> str:
 
 
 def write_results(plan: Plan, outcomes: list[Outcome], summary_path: Path | None, junit_path: Path | None) -> None:
-    """Write the summary and the JUnit file (each atomically) where asked."""
+    """Write the summary and the JUnit file (each atomically, their folders made if missing) where asked."""
     if summary_path is not None:
+        summary_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(summary_path, json.dumps(summary(plan, outcomes), indent=2) + "\n")
     if junit_path is not None:
+        junit_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(junit_path, junit_xml(plan, outcomes))
 
 
 def check_result_path(path: Path, what: str, plan: Plan) -> None:
-    """Refuse a summary/JUnit path in a missing folder, that is a folder, or that a job reads or writes."""
+    """Refuse a summary/JUnit path that is a folder, below a file, or that a job reads or writes."""
+    if "\0" in str(path):
+        raise AxcnnError(f"the {what} path {path!r} holds a NUL byte")
     if path.exists() and path.is_dir():
         raise AxcnnError(f"the {what} path {path} is a folder")
-    if not path.resolve().parent.is_dir():
-        raise AxcnnError(f"the folder of the {what} path {path} does not exist")
+    _check_creatable(path.absolute(), f"the {what} path {path}")
     taken = {p.resolve() for j in plan.jobs for p in (j.path, j.data, j.output, j.report)} | {plan.source.resolve()}
     if path.resolve() in taken:
         raise AxcnnError(f"the {what} path {path} is a file of the batch; choose another path")

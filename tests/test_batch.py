@@ -166,7 +166,7 @@ def test_gates_use_eq1_ratio_and_the_verification_loss_when_there_is_one():
 
 def test_batch_writes_models_summary_and_junit(project):
     path = _write(project, f"[defaults]\n{FAST}min_cr = 2\n" + _model(0) + _model(1, "min_cr = 100"))
-    summary, junit = project / "s.json", project / "j.xml"
+    summary, junit = project / "s.json", project / "results" / "ci" / "j.xml"  # folders made as needed
     r = _run(["batch", str(path), "--summary", str(summary), "--junit", str(junit), "-q"])
     assert r.exit_code == 1, r.output
     assert "PASS  models/m0.onnx" in r.stdout and "FAIL  models/m1.onnx" in r.stdout
@@ -221,8 +221,11 @@ def test_budget_not_met_is_a_gate_failure(project, monkeypatch):
 
 def test_results_paths_are_checked_before_work(project):
     path = _write(project, f"[defaults]\n{FAST}" + _model(0))
-    r = _run(["batch", str(path), "--junit", str(project / "nowhere" / "j.xml")])
-    assert r.exit_code == 1 and "folder of the JUnit path" in r.stderr
+    (project / "file").write_text("")
+    r = _run(["batch", str(path), "--junit", str(project / "file" / "j.xml")])
+    assert r.exit_code == 1 and "the JUnit path" in r.stderr and "is a file, not a folder" in r.stderr
+    r = _run(["batch", str(path), "--summary", str(project / "models")])
+    assert r.exit_code == 2 and "is a directory" in r.stderr  # click's own check: a usage error
     r = _run(["batch", str(path), "--summary", str(project / "models" / "m0.onnx")])
     assert r.exit_code == 1 and "is a file of the batch" in r.stderr
     assert not (project / "out").exists()
