@@ -36,7 +36,8 @@ class Builder:
     """A tiny model: one layer, then a chain of BN / Mul / Add by constants, then Relu (or the chain's end as the
     graph output)."""
 
-    def __init__(self, seed: int = 0, ir: int = 8, opset: int = 13):
+    def __init__(self, seed: int = 0, ir: int = 8, opset: int = 13, dtype=np.float32):
+        self.dtype = np.dtype(dtype)
         self.rng = np.random.default_rng(seed)
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
@@ -44,7 +45,7 @@ class Builder:
         self.extra_inputs: list[onnx.ValueInfoProto] = []
 
     def const(self, name: str, array: np.ndarray, node: bool = False) -> str:
-        array = np.asarray(array, np.float32)
+        array = np.asarray(array, self.dtype)
         if node:
             self.nodes.append(helper.make_node("Constant", [], [name], name=f"{name}_c",
                                                value=numpy_helper.from_array(array, name)))
@@ -53,7 +54,7 @@ class Builder:
         return name
 
     def normal(self, shape, scale=0.5) -> np.ndarray:
-        return self.rng.normal(0, scale, shape).astype(np.float32)
+        return self.rng.normal(0, scale, shape).astype(self.dtype)
 
     def layer(self, op: str, *, bias=True, group=1, dims=2, trans_b=1, alpha=1.0, beta=1.0, batch_rank=2,
               weight_node=False) -> str:
@@ -101,11 +102,12 @@ class Builder:
         if relu:
             self.nodes.append(helper.make_node("Relu", [out], ["z"], name="relu"))
             out = "z"
-        inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, self.x_shape), *self.extra_inputs]
+        elem = helper.np_dtype_to_tensor_dtype(self.dtype)
+        inputs = [helper.make_tensor_value_info("x", elem, self.x_shape), *self.extra_inputs]
         if self.ir < 4:
             inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in self.inits]
         graph = helper.make_graph(self.nodes, "t", inputs,
-                                  [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
+                                  [helper.make_tensor_value_info(out, elem, None)],
                                   initializer=self.inits)
         m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)], ir_version=self.ir)
         inferred = onnx.shape_inference.infer_shapes(m).graph.output[0]
@@ -116,16 +118,17 @@ class Builder:
 
 def sample(model: onnx.ModelProto, seed: int = 5) -> np.ndarray:
     dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
-    return np.random.default_rng(seed).normal(0, 1, dims).astype(np.float32)
+    dtype = helper.tensor_dtype_to_np_dtype(model.graph.input[0].type.tensor_type.elem_type)
+    return np.random.default_rng(seed).normal(0, 1, dims).astype(dtype)
 
 
 def ops(model: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in model.graph.node if n.op_type != "Constant"]
 
 
-def chain(op: str, steps: list[str], seed=0, **layer) -> onnx.ModelProto:
-    """Layer -> steps ("bn", "mul", "add", "mul_scalar", "add_first") -> Relu."""
-    b = Builder(seed)
+def chain(op: str, steps: list[str], seed=0, dtype=np.float32, **layer) -> onnx.ModelProto:
+    """Layer -> steps ("bn", "mul", "add", "mul_scalar", "add_first", "add_4d") -> Relu."""
+    b = Builder(seed, dtype=dtype)
     y = b.layer(op, **layer)
     for i, step in enumerate(steps):
         name = f"s{i}"
@@ -175,6 +178,8 @@ def test_fold_matches_original(case):
         model = b.model(b.bn("y", "s0"))
     else:
         model = chain(op, steps, **layer)
+    model = onnx.shape_inference.infer_shapes(model)  # value_info for every intermediate, to be kept consistent
+    assert len(model.graph.value_info) >= len(steps)
     before = model.SerializeToString()
     x = sample(model)
     folded, records = fold_bn(model)
@@ -200,6 +205,19 @@ def test_fold_matches_original(case):
     # the weight the inventory lists is the folded one
     layers, _ = inventory(folded, min_weights=1)
     assert [s.name for s in layers] == ["w"]
+
+
+@pytest.mark.parametrize("op,dtype,rtol", [("Conv", np.float16, 2e-2), ("Gemm", np.float16, 2e-2),
+                                            ("Gemm", np.float64, 1e-12), ("MatMul", np.float64, 1e-12)])
+def test_fold_keeps_dtype(op, dtype, rtol):
+    """BN params are combined in float64 and the products cast back to the weight's dtype."""
+    model = chain(op, ["add", "mul"] if op == "MatMul" else ["bn", "mul", "add"], seed=2, dtype=dtype)
+    folded, records = fold_bn(model)
+    onnx.checker.check_model(folded, full_check=True)
+    assert len(records) == 1 and "Mul" not in ops(folded)
+    assert {t.data_type for t in folded.graph.initializer} == {helper.np_dtype_to_tensor_dtype(np.dtype(dtype))}
+    x = sample(model)
+    close(run(folded, x), run(model, x), rtol=rtol)
 
 
 def test_fold_bn_params_in_constant_nodes_and_weight_in_constant_node():
@@ -383,11 +401,11 @@ AFFINE_CASES = {
 }
 
 
-def affine_model(case: str, graph_output=False, seed=20) -> onnx.ModelProto:
+def affine_model(case: str, graph_output=False, seed=20, dtype=np.float32) -> onnx.ModelProto:
     op, layer = AFFINE_CASES[case]
     layer = dict(layer)
     bias_add = layer.pop("bias_add", False)
-    b = Builder(seed)
+    b = Builder(seed, dtype=dtype)
     y = b.layer(op, **layer)
     if bias_add:
         y = b.affine("Add", y, "bias_add")
@@ -439,7 +457,7 @@ def draw(seed: int, zero: bool = False) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize("case", list(AFFINE_CASES))
 def test_affine_matches_reference(case):
-    model = affine_model(case)
+    model = onnx.shape_inference.infer_shapes(affine_model(case))
     before = model.SerializeToString()
     s, t = draw(1)
     out = set_channel_affine(model, "w", s, t)
@@ -452,6 +470,8 @@ def test_affine_matches_reference(case):
     names = {t.name for t in out.graph.initializer}
     assert {site.scale, site.bias} <= names and "b" not in names and "bias_add_k" not in names
     assert ops(out).count("Mul") == 1
+    made = {o for n in out.graph.node for o in n.output}
+    assert {v.name for v in model.graph.value_info} <= made and {v.name for v in out.graph.value_info} <= made
     # the weight itself is untouched (it stays shared)
     w_in = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w"))
     w_out = numpy_helper.to_array(next(i for i in out.graph.initializer if i.name == "w"))
@@ -491,6 +511,18 @@ def test_affine_graph_output_keeps_name(case):
     assert [o.name for o in out.graph.output] == names
     x = sample(model)
     close(run(out, x), run(reference(model, s, t), x))
+
+
+@pytest.mark.parametrize("case,dtype,rtol", [("conv_bias", np.float16, 2e-2), ("gemm_transb", np.float64, 1e-12),
+                                             ("matmul_with_bias_add", np.float64, 1e-12)])
+def test_affine_keeps_dtype(case, dtype, rtol):
+    model = affine_model(case, dtype=dtype)
+    s, t = draw(11)
+    out = set_channel_affine(model, "w", s, t)
+    onnx.checker.check_model(out, full_check=True)
+    assert {t.data_type for t in out.graph.initializer} == {helper.np_dtype_to_tensor_dtype(np.dtype(dtype))}
+    x = sample(model)
+    close(run(out, x), run(reference(model, s, t), x), rtol=rtol)
 
 
 @pytest.mark.parametrize("case", ["conv_bias", "gemm_notransb_nobias", "matmul", "matmul_with_bias_add"])
