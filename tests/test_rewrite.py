@@ -726,7 +726,7 @@ def test_write_model_atomic(tmp_path, monkeypatch):
     rng = np.random.default_rng(14)
     model, _, _ = matmul(rng)
     target = tmp_path / "m.onnx"
-    monkeypatch.setattr(rewrite.os, "fsync", _fail)
+    monkeypatch.setattr(os, "fsync", _fail)
     with pytest.raises(OSError, match="disk on fire"):
         write_model(model, target)
     assert list(tmp_path.iterdir()) == []
@@ -748,7 +748,7 @@ def test_write_model_partial_external_write(tmp_path, monkeypatch):
         Path(f).with_name(kwargs["location"]).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(rewrite.onnx, "save_model", half_then_fail)
+    monkeypatch.setattr(onnx, "save_model", half_then_fail)
     with pytest.raises(OSError, match="disk full"):
         write_model(model, tmp_path / "m.onnx", external_data=True)
     assert list(tmp_path.iterdir()) == []
