@@ -536,8 +536,16 @@ def test_metadata_is_compact():
             "centroid_tensor",
             "index_bytes",
             "centroid_bytes",
+            "index_count",
+            "granularity",
+            "codebooks",
+            "vector_dim",
+            "axis",
+            "group_size",
+            "vector_axis",
         ]
         assert (rec["k"], rec["index_bits"], rec["encoding"]) == (12, 4, "planes")
+        assert (rec["index_count"], rec["granularity"], rec["codebooks"], rec["vector_dim"]) == (2304, "layer", 1, 1)
         assert (rec["shape"], rec["dtype"]) == ([16, 16, 3, 3], "float32")
         assert (rec["index_bytes"], rec["centroid_bytes"]) == (layer.index_bytes, layer.centroid_bytes) == (1152, 48)
     # K in the metadata must agree with the graph
@@ -578,7 +586,10 @@ def test_reads_old_verbose_format():
     assert is_shared_model(old) and old.ir_version == 7 and not old.functions
     records = shared_layers(old)
     stored = json.loads(next(p.value for p in old.metadata_props if p.key == rewrite.LAYERS_KEY))
-    assert records == stored and [r["name"] for r in records] == ["w", "b"]
+    # read as stored, completed with one codebook per layer
+    assert [{k: r[k] for k in s} for r, s in zip(records, stored, strict=True)] == stored
+    assert [r["name"] for r in records] == ["w", "b"] and [r["index_count"] for r in records] == [35, 7]
+    assert all((r["granularity"], r["codebooks"], r["vector_dim"]) == ("layer", 1, 1) for r in records)
     assert records[0]["encoding"] == "planes" and records[1]["encoding"] == "broadcast"
     decoded = decode(old)
     assert all(decoded[name].tobytes() == arr.tobytes() for name, arr in want.items())

@@ -4,8 +4,9 @@ helpers and the ``axcnn.layers`` metadata."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass
+import operator
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import ml_dtypes
 import numpy as np
@@ -34,41 +35,172 @@ FUNCTION_IR = 8
 # data classes
 
 
+GRANULARITIES = ("layer", "channel", "kernel")
+"""Which weights share one codebook: all of the layer's, those of a group of output channels, those of a kernel."""
+
+
+def _as_count(owner: str, field: str, value, low: int) -> int:
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{field} of {owner!r} must be an integer >= {low}, not {value!r}") from None
+    if number < low:
+        raise ValueError(f"{field} of {owner!r} must be an integer >= {low}, not {number}")
+    return number
+
+
+def _as_axis(owner: str, field: str, value, rank: int) -> int:
+    try:
+        axis = operator.index(value)
+    except TypeError:
+        axis = None
+    if axis is None or not -rank <= axis < rank:
+        raise ValueError(f"{field} of {owner!r} must be an axis in [{-rank}, {rank}) of its {rank}-D indices, "
+                         f"not {value!r}")
+    return axis % rank
+
+
+def eq1_bits(index_count: int, k: int, bits: int, *, codebooks: int = 1, vector_dim: int = 1) -> int:
+    """Storage of a shared layer in bits by Eq. 1 of Dupuis et al., generalised to several codebooks and to vectors:
+    ``index_count * ceil(log2 K) + codebooks * K * vector_dim * bits`` (``bits`` = bits of one weight)."""
+    return index_count * index_bits(k) + codebooks * k * vector_dim * bits
+
+
 @dataclass(frozen=True, eq=False)
 class SharedWeight:
-    """A clustering of one weight tensor: ``K`` centroids and one index per weight.
+    """A clustering of one weight tensor: codebooks of ``K`` centroids and one index per weight (or per vector).
 
-    ``name`` is the weight's tensor name (an initializer, or the output of a ``Constant`` node).
-    ``centroids`` has shape ``[K]`` and the weight's dtype (a bfloat16 weight may also give uint16
-    bit patterns). ``indices`` is an integer array with the weight's shape and values in ``[0, K)``.
+    ``name`` is the weight's tensor name (an initializer, or the output of a ``Constant`` node). Centroids have
+    the weight's dtype (a bfloat16 weight may also give uint16 bit patterns); indices are integers in
+    ``[0, K)``. Every codebook has the same ``K`` (a group with fewer distinct values repeats entries).
+    The keyword fields choose which weights share a codebook:
+
+    ``granularity="layer"`` (the default; ``SharedWeight(name, centroids, indices)``)
+        one codebook: ``centroids [K]``, ``indices`` of the weight's shape.
+    ``granularity="channel"``, ``axis`` (the output-channel axis, default 0), ``group_size`` (default 1)
+        ``group_size`` consecutive slices along ``axis`` share a codebook; with ``C`` slices there are
+        ``ceil(C / group_size)`` codebooks (the last group is smaller when ``group_size`` does not divide ``C``):
+        ``centroids [ceil(C / group_size), K]``, ``indices`` of the weight's shape.
+    ``granularity="kernel"`` (weights of rank >= 3, e.g. Conv ``[O, I, kh, kw]``)
+        one codebook per ``(o, i)`` kernel over the trailing dims: ``centroids [O * I, K]`` (row ``o * I + i``),
+        ``indices`` of the weight's shape.
+    ``vector_dim`` > 1 (granularity ``"layer"`` only), ``vector_axis`` (the input-channel axis, default 1)
+        ``vector_dim`` consecutive weights along ``vector_axis`` share one codebook entry: ``centroids
+        [K, vector_dim]``, ``indices`` of the weight's shape with ``vector_axis`` replaced by
+        ``ceil(size / vector_dim)``; when ``vector_dim`` does not divide the size the last vector is padded and
+        the padding is dropped (:meth:`dense` with the weight's ``shape``).
+
+    ``axis`` and ``vector_axis`` are stored non-negative. Eq. 1: :meth:`eq1_bits`.
     """
 
     name: str
     centroids: np.ndarray
     indices: np.ndarray
+    granularity: str = field(default="layer", kw_only=True)
+    axis: int = field(default=0, kw_only=True)
+    group_size: int = field(default=1, kw_only=True)
+    vector_dim: int = field(default=1, kw_only=True)
+    vector_axis: int = field(default=1, kw_only=True)
 
     def __post_init__(self) -> None:
+        name = self.name
         centroids = np.asarray(self.centroids)
         indices = np.asarray(self.indices)
-        if centroids.ndim != 1 or centroids.size == 0:
-            raise ValueError(f"centroids of {self.name!r} must be non-empty and 1-D, not {centroids.shape}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity of {name!r} must be one of {', '.join(GRANULARITIES)}, "
+                             f"not {self.granularity!r}")
+        group_size = _as_count(name, "group_size", self.group_size, 1)
+        vector_dim = _as_count(name, "vector_dim", self.vector_dim, 1)
         if not np.issubdtype(indices.dtype, np.integer):
-            raise ValueError(f"indices of {self.name!r} must be integers, got {indices.dtype}")
+            raise ValueError(f"indices of {name!r} must be integers, got {indices.dtype}")
+        rank = indices.ndim
+        axis, vector_axis = self.axis, self.vector_axis
+        if vector_dim > 1:
+            if self.granularity != "layer":
+                raise ValueError(f"vector_dim of {name!r} is {vector_dim}: vectors need granularity 'layer', "
+                                 f"not {self.granularity!r}")
+            vector_axis = _as_axis(name, "vector_axis", vector_axis, rank)
+            want = f"[K, {vector_dim}]"
+            ok = centroids.ndim == 2 and centroids.shape[1] == vector_dim
+        elif self.granularity == "layer":
+            want, ok = "[K]", centroids.ndim == 1
+        elif self.granularity == "channel":
+            axis = _as_axis(name, "axis", axis, rank)
+            groups = -(-indices.shape[axis] // group_size)
+            want = f"[{groups}, K] (ceil({indices.shape[axis]} / group_size {group_size}) codebooks)"
+            ok = centroids.ndim == 2 and centroids.shape[0] == groups
+        else:
+            if rank < 3:
+                raise ValueError(f"kernel granularity needs a weight of rank >= 3; {name!r} has rank {rank}")
+            kernels = indices.shape[0] * indices.shape[1]
+            want = f"[{kernels}, K] (one codebook per kernel)"
+            ok = centroids.ndim == 2 and centroids.shape[0] == kernels
+        if not ok or centroids.size == 0:
+            raise ValueError(f"centroids of {name!r} must be non-empty and of shape {want}, not {centroids.shape}")
         object.__setattr__(self, "centroids", centroids)
         object.__setattr__(self, "indices", indices)
+        object.__setattr__(self, "group_size", group_size)
+        object.__setattr__(self, "vector_dim", vector_dim)
+        object.__setattr__(self, "axis", axis)
+        object.__setattr__(self, "vector_axis", vector_axis)
 
     @property
     def k(self) -> int:
-        return int(self.centroids.shape[0])
+        """Entries per codebook."""
+        grouped = self.granularity != "layer"
+        return int(self.centroids.shape[1] if grouped else self.centroids.shape[0])
 
-    def dense(self) -> np.ndarray:
-        """The clustered weight ``centroids[indices]``."""
-        return self.centroids[self.indices]
+    @property
+    def codebooks(self) -> int:
+        return int(self.centroids.shape[0]) if self.granularity != "layer" else 1
+
+    @property
+    def index_count(self) -> int:
+        return int(self.indices.size)
+
+    def eq1_bits(self, bits: int) -> int:
+        """Eq. 1 storage in bits, ``bits`` being the bits of one weight (32 for float32)."""
+        return eq1_bits(self.index_count, self.k, bits, codebooks=self.codebooks, vector_dim=self.vector_dim)
+
+    def index_shape(self, weight_shape: Sequence[int]) -> tuple[int, ...]:
+        """The shape ``indices`` must have for a weight of ``weight_shape``."""
+        shape = [int(d) for d in weight_shape]
+        if self.vector_dim > 1 and len(shape) > self.vector_axis:
+            shape[self.vector_axis] = -(-shape[self.vector_axis] // self.vector_dim)
+        return tuple(shape)
+
+    def codebook_ids(self) -> np.ndarray | None:
+        """Which codebook each index uses, as an int64 array that broadcasts against ``indices`` (None for one
+        codebook)."""
+        shape = self.indices.shape
+        if self.granularity == "channel":
+            ids = np.arange(shape[self.axis], dtype=np.int64) // self.group_size
+            return ids.reshape((-1,) + (1,) * (len(shape) - self.axis - 1))
+        if self.granularity == "kernel":
+            return np.arange(shape[0] * shape[1], dtype=np.int64).reshape(shape[:2] + (1,) * (len(shape) - 2))
+        return None
+
+    def dense(self, shape: Sequence[int] | None = None) -> np.ndarray:
+        """The clustered weight. For vectors whose last one is padded, give the weight's ``shape`` to drop the
+        padding (by default the vector axis has ``ceil(size / vector_dim) * vector_dim`` entries)."""
+        ids = self.codebook_ids()
+        if ids is not None:
+            return self.centroids[ids, self.indices]
+        if self.vector_dim == 1:
+            return self.centroids[self.indices]
+        va, vd = self.vector_axis, self.vector_dim
+        values = np.moveaxis(self.centroids[self.indices], -1, va + 1)  # [..., m, vd, ...]
+        padded = self.indices.shape[:va] + (self.indices.shape[va] * vd,) + self.indices.shape[va + 1 :]
+        values = values.reshape(padded)
+        if shape is not None:
+            values = values[(slice(None),) * va + (slice(0, int(shape[va])),)]
+        return values
 
 
 @dataclass(frozen=True)
 class StoredLayer:
-    """What one shared layer really takes in the file."""
+    """What one shared layer really takes in the file, and how it is shared (the fields of :class:`SharedWeight`;
+    ``group_size`` as written: at most the channel count)."""
 
     name: str
     k: int
@@ -76,10 +208,22 @@ class StoredLayer:
     encoding: str  # "planes" | "uint8" | "uint4" | "broadcast"
     index_bytes: int
     centroid_bytes: int
+    index_count: int
+    granularity: str = "layer"
+    codebooks: int = 1
+    vector_dim: int = 1
+    axis: int = 0
+    group_size: int = 1
+    vector_axis: int = 1
 
     @property
     def stored_bytes(self) -> int:
         return self.index_bytes + self.centroid_bytes
+
+    def eq1_bits(self, bits: int) -> int:
+        """Eq. 1 storage in bits, ``bits`` being the bits of one weight (32 for float32)."""
+        return eq1_bits(self.index_count, self.k, bits, codebooks=self.codebooks, vector_dim=self.vector_dim)
+
 
 # --------------------------------------------------------------------------------------------------
 # small helpers

@@ -1,5 +1,6 @@
-"""Read a weight-shared model back: per-layer records from the graph, the decoded weights, exact
-verification against the clustering, and expansion back to a plain dense model."""
+"""Read a weight-shared model back: the decoded weights (the records of :mod:`axcnn.rewrite.records` say which
+tensors each decode reads), exact verification against the clustering, and expansion back to a plain dense
+model."""
 
 from __future__ import annotations
 
@@ -14,131 +15,16 @@ from onnx import TensorProto, helper, numpy_helper
 from axcnn.errors import AxcnnError
 from axcnn.rewrite.common import (
     FUNCTION_DOMAIN,
-    LAYERS_KEY,
     METADATA_PREFIX,
     SharedWeight,
     Weights,
-    compact_layers,
     copy_model,
-    dtype_name,
-    index_bits,
-    is_decode_node,
     is_shared_model,
     layers_meta,
     same_bits,
-    stored_bytes,
     tensor_array,
 )
-
-
-class _Graph:
-    """Lookup tables of a shared model's main graph."""
-
-    def __init__(self, model: onnx.ModelProto):
-        self.graph = model.graph
-        self.producer: dict[str, int] = {}
-        for i, node in enumerate(model.graph.node):
-            for o in node.output:
-                self.producer[o] = i
-        self.inits = {t.name: t for t in model.graph.initializer}
-        self.functions = {f.name: f for f in model.functions if f.domain == FUNCTION_DOMAIN}
-
-    def decode_node(self, name: str) -> tuple[int, onnx.NodeProto]:
-        """The decode node producing ``name``."""
-        idx = self.producer.get(name)
-        if idx is None or not is_decode_node(self.graph.node[idx]):
-            raise AxcnnError(f"shared weight value {name!r} is not produced by an axcnn decode node")
-        return idx, self.graph.node[idx]
-
-    def function(self, node: onnx.NodeProto) -> onnx.FunctionProto:
-        func = self.functions.get(node.op_type)
-        if func is None:
-            raise AxcnnError(f"the model has no decode function {FUNCTION_DOMAIN}.{node.op_type}")
-        return func
-
-    def init(self, name: str, layer: str) -> TensorProto:
-        if name not in self.inits:
-            raise AxcnnError(f"decode input {name!r} of layer {layer!r} is not an initializer")
-        return self.inits[name]
-
-    def roles(self, layer: str) -> dict[str, str]:
-        """Index / centroid / shape tensor names (``q`` / ``c`` / ``s``) of one layer, read from its decode."""
-        _, node = self.decode_node(layer)
-        if node.domain == FUNCTION_DOMAIN:
-            func = self.function(node)
-            if len(func.input) != len(node.input):
-                raise AxcnnError(f"decode call of layer {layer!r} does not match function {func.name}")
-            return dict(zip(func.input, node.input, strict=True))
-        roles = {"c": node.input[0]}
-        if node.op_type in ("Expand", "Reshape"):  # inline broadcast
-            roles["s"] = node.input[1]
-            return roles
-        if node.op_type != "Gather":
-            raise AxcnnError(f"unexpected final decode op {node.op_type} for layer {layer!r}")
-        _, feed = self.decode_node(node.input[1])
-        if feed.op_type == "Reshape":
-            roles["s"] = feed.input[1]
-        todo = [feed]
-        while todo:  # walk back to the Cast that reads the index tensor
-            nd = todo.pop()
-            if nd.op_type == "Cast":
-                roles["q"] = nd.input[0]
-                break
-            todo.extend(self.decode_node(x)[1] for x in nd.input if x not in self.inits)
-        if "q" not in roles:
-            raise AxcnnError(f"no index tensor found in the decode of layer {layer!r}")
-        return roles
-
-    def record(self, layer: str, k_meta: int) -> dict:
-        """The full per-layer record, rebuilt from the graph."""
-        roles = self.roles(layer)
-        c = self.init(roles["c"], layer)
-        q = self.init(roles["q"], layer) if "q" in roles else None
-        k = int(c.dims[0]) if len(c.dims) == 1 else -1
-        if k != k_meta:
-            raise AxcnnError(f"layer {layer!r}: {LAYERS_KEY} says K={k_meta}, the centroid tensor has {list(c.dims)}")
-        bits = index_bits(k)
-        if q is None:
-            encoding = "broadcast"
-        elif q.data_type == TensorProto.UINT4:
-            encoding = "uint4"
-        elif bits == 8:
-            encoding = "uint8"
-        else:
-            encoding = "planes"
-        if encoding in ("uint8", "uint4"):
-            shape = [int(d) for d in q.dims]
-        else:
-            shape = [int(d) for d in tensor_array(self.init(roles["s"], layer), "shape tensor").reshape(-1)]
-        return {
-            "name": layer,
-            "k": k,
-            "index_bits": bits,
-            "encoding": encoding,
-            "shape": shape,
-            "dtype": dtype_name(c.data_type),
-            "index_tensor": None if q is None else q.name,
-            "centroid_tensor": c.name,
-            "index_bytes": 0 if q is None else stored_bytes(q),
-            "centroid_bytes": stored_bytes(c),
-        }
-
-def shared_layers(model: onnx.ModelProto) -> list[dict]:
-    """Per-layer records of a shared model (empty list for a plain model), in layer order.
-
-    Each record has ``name``, ``k``, ``index_bits``, ``encoding``, ``shape``, ``dtype``, ``index_tensor``
-    (None for ``broadcast``), ``centroid_tensor``, ``index_bytes`` and ``centroid_bytes``. They are rebuilt from
-    the decode graph (the metadata holds only names and K); files with the older verbose metadata are read
-    as stored.
-    """
-    meta = layers_meta(model)
-    if meta is None:
-        return []
-    layers = compact_layers(meta)
-    if layers is None:
-        return meta
-    graph = _Graph(model)
-    return [graph.record(name, k) for name, k in layers]
+from axcnn.rewrite.records import Graph, shared_layers
 
 
 def _used_names(graph: onnx.GraphProto) -> set[str]:
@@ -176,7 +62,7 @@ def _elem_type(dtype: str) -> int:
 
 def _decode_part(model: onnx.ModelProto) -> _Decode:
     records = shared_layers(model)
-    index = _Graph(model)
+    index = Graph(model)
     node_ids: set[int] = set()
     init_names: set[str] = set()
     todo = [rec["name"] for rec in records]
@@ -275,7 +161,7 @@ def _decode_runtime(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def verify(model: onnx.ModelProto, shared: Sequence[SharedWeight], *, runtime: bool = False) -> None:
-    """Raise AxcnnError unless every layer decodes bit-identically to ``sw.dense()``.
+    """Raise AxcnnError unless every layer decodes bit-identically to ``sw.dense()`` (same shape and dtype).
 
     The decode is evaluated in numpy; with ``runtime=True`` it is also run by onnxruntime CPU (except
     for bfloat16 layers, which the onnxruntime Python API cannot return).
@@ -285,8 +171,8 @@ def verify(model: onnx.ModelProto, shared: Sequence[SharedWeight], *, runtime: b
     for sw in shared:
         if sw.name not in decoded:
             raise AxcnnError(f"layer {sw.name} is not weight-shared in the model")
-        want = sw.dense()
         got = decoded[sw.name]
+        want = sw.dense(got.shape)  # the shape drops the padding of a last vector
         if want.dtype != got.dtype and want.dtype == np.uint16 and got.dtype == ml_dtypes.bfloat16:
             want = want.view(ml_dtypes.bfloat16)
         if not same_bits(got, want) or (sw.name in at_runtime and not same_bits(at_runtime[sw.name], want)):

@@ -12,6 +12,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from axcnn.errors import AxcnnError
+from axcnn.rewrite.builder import Builder
 from axcnn.rewrite.common import (
     FUNCTION_DOMAIN,
     FUNCTION_IR,
@@ -28,7 +29,6 @@ from axcnn.rewrite.common import (
     merge_metadata,
     op_ok,
 )
-from axcnn.rewrite.encodings import Builder
 
 logger = logging.getLogger(__name__)
 
@@ -135,19 +135,18 @@ def share_weights(
             raise AxcnnError(f"weight {sw.name!r} has unloaded external data; load the model with its data")
         elem_type = int(tensor.data_type)
         shape = tuple(int(d) for d in tensor.dims)
-        if tuple(sw.indices.shape) != shape:
-            raise ValueError(f"indices of {sw.name!r} have shape {sw.indices.shape}, expected {shape}")
+        want = sw.index_shape(shape)
+        if tuple(sw.indices.shape) != want:
+            raise ValueError(f"indices of {sw.name!r} have shape {sw.indices.shape}, expected {want}")
         if sw.indices.size == 0:
             raise AxcnnError(f"weight {sw.name!r} is empty")
         if int(sw.indices.min()) < 0 or int(sw.indices.max()) >= sw.k:
             raise ValueError(f"indices of {sw.name!r} are outside [0, {sw.k})")
         if sw.k > 2**31 - 1:
             raise ValueError(f"too many centroids for {sw.name!r}")
-        final_op = "Gather" if sw.k > 1 else "Expand" if shape else "Reshape"
-        if not op_ok(final_op, opset, _schema_type(elem_type)):
-            raise AxcnnError(
-                f"{final_op} does not accept {dtype_name(elem_type)} at opset {opset} ({sw.name!r})"
-            )
+        for op in _value_ops(sw, shape):
+            if not op_ok(op, opset, _schema_type(elem_type)):
+                raise AxcnnError(f"{op} does not accept {dtype_name(elem_type)} at opset {opset} ({sw.name!r})")
         layer = builder.layer(i, sw, shape, elem_type)
         stored.append(layer)
         if sw.name in weights.inits:
@@ -196,6 +195,16 @@ def share_weights(
     metadata[LAYERS_KEY] = json.dumps(layers, separators=(",", ":"))
     merge_metadata(out, metadata)
     return out, stored
+
+
+def _value_ops(sw: SharedWeight, shape: tuple[int, ...]) -> list[str]:
+    """The decode ops that take the weight's dtype (the centroids): they must accept it at the model's opset."""
+    if sw.vector_dim > 1:
+        padded = shape[sw.vector_axis] % sw.vector_dim != 0
+        return ["Gather", "Transpose", "Reshape"] + (["Slice"] if padded else [])
+    if sw.granularity != "layer":
+        return ["Reshape", "Gather"]
+    return ["Gather" if sw.k > 1 else "Expand" if shape else "Reshape"]
 
 
 def _schema_type(elem_type: int) -> str:
