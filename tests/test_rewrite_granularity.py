@@ -32,7 +32,8 @@ from axcnn.rewrite import (
 DOMAIN = rewrite.FUNCTION_DOMAIN
 DECODE_OPS = {"Cast", "Div", "Mod", "Mul", "Sub", "Add", "MatMul", "ReduceSum", "Reshape", "Slice", "Gather",
               "Expand", "Shape", "Transpose"}
-OPSETS = [(8, 7), (13, 7), (21, 10)]  # (opset, IR): every ONNX op set the rewrite supports differently
+# (opset, IR): every ONNX op set the rewrite supports differently, and IR 3 (no functions: inline decode nodes)
+OPSETS = [(8, 3), (8, 7), (13, 7), (21, 10)]
 K_VALUES = [1, 2, 5, 16, 256]
 
 
@@ -41,6 +42,12 @@ K_VALUES = [1, 2, 5, 16, 256]
 
 OUT_AXIS = {"conv.w": 0, "fc.w": 0, "mm.w": 1}  # the output-channel axis of each weight
 IN_AXIS = {"conv.w": 1, "fc.w": 1, "mm.w": 0}  # the input-channel axis
+
+
+def _with_ir(graph, opset, ir):
+    if ir < 4:  # IR 3 lists every initializer as a graph input
+        graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in graph.initializer)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir)
 
 
 def three_layers(rng, opset=13, ir=7):
@@ -66,8 +73,7 @@ def three_layers(rng, opset=13, ir=7):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 7])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir)
-    return model, {"x": rng.standard_normal((2, 4, 5, 5)).astype(f32)}
+    return _with_ir(graph, opset, ir), {"x": rng.standard_normal((2, 4, 5, 5)).astype(f32)}
 
 
 def clustering(rng, name, weight, k, granularity="layer", *, repeat=False, **kw):
@@ -181,6 +187,10 @@ def check_shared_model(model, feeds, shared, tmp_path, opset=13, ir=7):
     plain = expand(out)
     onnx.checker.check_model(plain, full_check=True)
     assert not plain.functions and not rewrite.is_shared_model(plain)
+    assert not [n for n in plain.graph.node if n.name.startswith(rewrite.NODE_PREFIX)]
+    if ir < 4:  # inline decode nodes, their tensors listed as graph inputs; expand leaves the weights as inputs
+        assert not out.functions and {t.name for t in out.graph.initializer} <= {v.name for v in out.graph.input}
+        assert {t.name for t in plain.graph.initializer} <= {v.name for v in plain.graph.input}
     assert plain.ir_version == model.ir_version
     for name, arr in weight_arrays(plain, list(arrays)).items():
         assert arr.tobytes() == decoded[name].tobytes()
@@ -225,8 +235,7 @@ def one_element(rng, opset=13, ir=7):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 3, 3])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=ir)
-    return model, {"x": rng.standard_normal((1, 1, 3, 3)).astype(np.float32)}
+    return _with_ir(graph, opset, ir), {"x": rng.standard_normal((1, 1, 3, 3)).astype(np.float32)}
 
 
 @pytest.mark.parametrize("k", [1, 2])
@@ -409,15 +418,6 @@ def test_share_errors():
     bad = SharedWeight("conv.w", bad.centroids, bad.indices + 4, granularity="channel", group_size=4)
     with pytest.raises(ValueError, match="outside"):
         share_weights(model, [bad])
-    # IR 3 has no functions: only whole-layer codebooks can be decoded inline
-    legacy = helper.make_model(model.graph, opset_imports=[helper.make_opsetid("", 8)], ir_version=3)
-    legacy.graph.input.extend(
-        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in legacy.graph.initializer
-    )
-    with pytest.raises(AxcnnError, match=r"channel sharing of 'conv.w' needs model-local functions \(IR >= 4\)"):
-        share_weights(legacy, [clustering(rng, "conv.w", conv, 4, "channel")])
-    with pytest.raises(AxcnnError, match="vector sharing"):
-        share_weights(legacy, [clustering(rng, "conv.w", conv, 4, vector_dim=2, vector_axis=1)])
 
 
 @pytest.mark.parametrize("spec", ["channel-4", "kernel", "vector-3"])
@@ -467,3 +467,28 @@ def test_other_float_types(dtype):
         assert decode(out)["w"].tobytes() == sw.dense(weight.shape).tobytes()
         verify(out, [sw], runtime=True)  # the onnxruntime check skips bfloat16 (no numpy type in ORT)
         assert weight_arrays(expand(out), ["w"])["w"].tobytes() == sw.dense(weight.shape).tobytes()
+
+
+def test_inline_decode_names_its_recipe():
+    """IR 3 has no functions: the decode nodes are inline, and the final one is named after its recipe, which the
+    reader replays to find the roles; a decode that does not match the recipe is refused."""
+    rng = np.random.default_rng(14)
+    model, _ = three_layers(rng, 8, 3)
+    arrays = weight_arrays(model, ["conv.w", "fc.w", "mm.w"])
+    shared = [clustering(rng, "conv.w", arrays["conv.w"], 5, "kernel"),
+              clustering(rng, "fc.w", arrays["fc.w"], 3, vector_dim=4, vector_axis=1),
+              clustering(rng, "mm.w", arrays["mm.w"], 2)]
+    out, _ = share_weights(model, shared)
+    finals = {n.output[0]: n.name for n in out.graph.node if n.output[0] in arrays}
+    assert finals == {"conv.w": "axcnn/0/planes3_kernel", "fc.w": "axcnn/1/planes2_n_vector_pad",
+                      "mm.w": "axcnn/2/10"}  # layer granularity: named as it always was
+    records = {r["name"]: r for r in shared_layers(out)}
+    assert (records["conv.w"]["granularity"], records["conv.w"]["codebooks"]) == ("kernel", 24)
+    fc = records["fc.w"]
+    assert (fc["vector_dim"], fc["vector_axis"], fc["shape"], fc["index_count"]) == (4, 1, [10, 150], 10 * 38)
+    verify(out, shared)
+    broken = onnx.ModelProto()
+    broken.CopyFrom(out)
+    next(n for n in broken.graph.node if n.name == "axcnn/0/2").op_type = "Mul"
+    with pytest.raises(AxcnnError, match="inline decode of layer 'conv.w' does not match its recipe planes3_kernel"):
+        shared_layers(broken)

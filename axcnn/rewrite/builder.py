@@ -11,7 +11,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from axcnn.errors import AxcnnError
 from axcnn.rewrite.common import FUNCTION_DOMAIN, NODE_PREFIX, SharedWeight, StoredLayer, as_dtype, index_bits, op_ok
 from axcnn.rewrite.encodings import (
     UINT4,
@@ -27,18 +26,22 @@ from axcnn.rewrite.encodings import (
 
 
 class _InlineEmitter:
-    """Writes one layer's decode nodes into the main graph (IR < 4 models)."""
+    """Writes one layer's decode nodes into the main graph (IR < 4 models): node ``j`` of layer ``i`` is named
+    ``axcnn/{i}/{j}``; the final node of a stage other than ``layer`` is named ``axcnn/{i}/{recipe}`` instead, so
+    that a reader knows which recipe to re-run to find the roles (:mod:`axcnn.rewrite.records`)."""
 
-    def __init__(self, builder: Builder, i: int):
+    def __init__(self, builder: Builder, i: int, final: str | None = None):
         self.builder = builder
         self.i = i
+        self.final = final
         self.count = 0
 
     def node(self, op: str, inputs: Sequence[str], output: str | None = None, **attrs) -> str:
         j = self.count
         self.count += 1
         out = output if output is not None else f"{self.builder.prefix}{self.i}.{j}"
-        self.builder.nodes.append(make_node(op, inputs, out, f"{NODE_PREFIX}{self.i}/{j}", attrs))
+        tail = self.final if output is not None and self.final else j
+        self.builder.nodes.append(make_node(op, inputs, out, f"{NODE_PREFIX}{self.i}/{tail}", attrs))
         return out
 
     def const(self, key: str, value: np.ndarray) -> str:
@@ -173,12 +176,8 @@ class Builder:
         stage, padded, group_size = self._stage(sw, shape, roles, attrs)
         recipe = Recipe(source, stage, bits if source == "planes" else 0, sliced, padded, scalar=not shape)
         if not self.use_functions:
-            if stage != "layer":
-                raise AxcnnError(
-                    f"{stage} sharing of {sw.name!r} needs model-local functions (IR >= 4); "
-                    f"the model has IR {self.ir_version}"
-                )
-            emit_decode(_InlineEmitter(self, i), self.opset, recipe, roles, sw.name, attrs)
+            final = None if stage == "layer" else recipe.name
+            emit_decode(_InlineEmitter(self, i, final), self.opset, recipe, roles, sw.name, attrs)
         else:
             self.function(recipe, list(roles), list(attrs))
             self.nodes.append(

@@ -69,14 +69,16 @@ IR >= 4: model-local functions
     inline nodes (its optimized model keeps no ``ai.axcnn`` node and no decode op). Functions need IR >= 8: a
     model with IR 4..7 is raised to IR 8 (no semantic change for IR >= 4; logged at INFO, the original IR is
     recorded in the metadata and :func:`expand` restores it).
-IR < 4: inline nodes (layer granularity only)
+IR < 4: inline nodes
     IR 3 allows no functions, so each layer gets its decode nodes in the main graph, named
     ``axcnn/{i}/{j}`` (layer ``i``, node ``j``), intermediates ``ax{i}.{j}``, and the helper constants are
-    initializers shared by all layers (``ax.p``, ``ax.2``, ``ax.w{b}``/``ax.v{b}``, ``ax.f``, ``ax.0``).
-    IR < 4 requires every initializer to be a graph input, so the new tensors are listed as graph inputs
-    too; onnxruntime treats them as constants at IR < 4. (Files written by axcnn before the functions used
-    this layout at every IR; they are still read, decoded and expanded.) The other stages are refused there:
-    without a call node the graph would not tell the reader a layer's roles.
+    initializers shared by all layers (``ax.p``, ``ax.2``, ``ax.w{b}``/``ax.v{b}``, ``ax.f``, ``ax.0``, ``ax.z``,
+    ``ax.one``). For a stage other than ``layer`` the final node is named ``axcnn/{i}/{recipe}`` (e.g.
+    ``axcnn/3/planes3_channel``): with no call node to name the roles, the reader emits that recipe again and
+    reads each role and attribute off the node at the same place. IR < 4 requires every initializer to be a
+    graph input, so the new tensors are listed as graph inputs too; onnxruntime treats them as constants at
+    IR < 4. (Files written by axcnn before the functions used this layout at every IR; they are still read,
+    decoded and expanded.)
 
 New names start with a prefix (``ax`` unless that collides): ``ax{i}.q`` indices and ``ax{i}.c`` centroids
 of layer ``i``; ``ax.s{j}`` int64 shapes, ``ax.n{j}`` counts (and axes) and ``ax.r{j}`` ramps, one per distinct
@@ -115,6 +117,12 @@ from axcnn.rewrite.common import op_ok
 
 STAGES = ("layer", "channel", "kernel", "vector")
 """Codebook stages of a decode: the granularities, and ``vector`` for vectors (of layer granularity)."""
+
+ROLES = ("q", "c", "s", "n", "o", "i", "v", "e", "a")
+"""The inputs of a decode, by role (module docstring)."""
+
+ATTRIBUTES = ("n", "e", "a", "perm")
+"""The attributes of a decode call (module docstring)."""
 
 
 UINT4 = "tensor(uint4)"

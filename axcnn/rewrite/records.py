@@ -11,7 +11,9 @@ from axcnn.errors import AxcnnError
 from axcnn.rewrite.common import (
     FUNCTION_DOMAIN,
     LAYERS_KEY,
+    NODE_PREFIX,
     compact_layers,
+    default_opset,
     dtype_name,
     index_bits,
     is_decode_node,
@@ -19,7 +21,7 @@ from axcnn.rewrite.common import (
     stored_bytes,
     tensor_array,
 )
-from axcnn.rewrite.encodings import Recipe
+from axcnn.rewrite.encodings import ATTRIBUTES, ROLES, Recipe, emit_decode
 
 RECORD_DEFAULTS = {
     "granularity": "layer",
@@ -32,11 +34,26 @@ RECORD_DEFAULTS = {
 """How a layer of the older verbose metadata (always one codebook per layer) shares its weights."""
 
 
+class _Probe:
+    """An emitter that only records the nodes a recipe writes: (op, inputs, attributes)."""
+
+    def __init__(self):
+        self.nodes: list[tuple[str, list[str], dict]] = []
+
+    def node(self, op: str, inputs, output: str | None = None, **attrs) -> str:
+        self.nodes.append((op, list(inputs), attrs))
+        return f"node:{len(self.nodes) - 1}"
+
+    def const(self, key: str, value) -> str:
+        return f"const:{key}"
+
+
 class Graph:
     """Lookup tables of a shared model's main graph."""
 
     def __init__(self, model: onnx.ModelProto):
         self.graph = model.graph
+        self.opset = default_opset(model)
         self.producer: dict[str, int] = {}
         for i, node in enumerate(model.graph.node):
             for o in node.output:
@@ -82,6 +99,10 @@ class Graph:
 
     def _inline_call(self, layer: str, node: onnx.NodeProto) -> tuple[Recipe, dict[str, str], dict]:
         """Roles of an inline (IR < 4, or older file) layer decode, walking back from its final node."""
+        layer_no, _, tail = node.name[len(NODE_PREFIX) :].partition("/")
+        recipe = Recipe.parse(tail)
+        if recipe is not None:
+            return self._replayed_call(layer, layer_no, recipe)
         roles = {"c": node.input[0]}
         if node.op_type in ("Expand", "Reshape"):  # inline broadcast
             roles["s"] = node.input[1]
@@ -101,6 +122,28 @@ class Graph:
         if "q" not in roles:
             raise AxcnnError(f"no index tensor found in the decode of layer {layer!r}")
         return Recipe("planes" if "s" in roles else "uint8"), roles, {}
+
+    def _replayed_call(self, layer: str, layer_no: str, recipe: Recipe) -> tuple[Recipe, dict, dict]:
+        """Roles and attributes of an inline decode whose final node names its recipe: the recipe is emitted
+        again with placeholders, and node ``j`` of that replay tells which input of ``axcnn/{i}/{j}`` (and
+        which attribute) plays which role."""
+        probe = _Probe()
+        placeholders = {role: f"role:{role}" for role in ROLES}
+        emit_decode(probe, self.opset, recipe, placeholders, "out", {a: f"attr:{a}" for a in ATTRIBUTES})
+        prefix = f"{NODE_PREFIX}{layer_no}/"
+        nodes = {nd.name[len(prefix) :]: nd for nd in self.graph.node if nd.name.startswith(prefix)}
+        actual = [nodes.get(str(j)) for j in range(len(probe.nodes) - 1)] + [nodes.get(recipe.name)]
+        roles: dict[str, str] = {}
+        attrs: dict[str, list[int]] = {}
+        for (op, inputs, wanted), nd in zip(probe.nodes, actual, strict=True):
+            if nd is None or nd.op_type != op or len(nd.input) != len(inputs):
+                raise AxcnnError(f"the inline decode of layer {layer!r} does not match its recipe {recipe.name}")
+            roles.update({x[5:]: real for x, real in zip(inputs, nd.input, strict=True) if x.startswith("role:")})
+            given = {a.name: a for a in nd.attribute}
+            for key, value in wanted.items():
+                if isinstance(value, str) and value.startswith("attr:") and key in given:
+                    attrs[value[5:]] = [int(v) for v in np.atleast_1d(helper.get_attribute_value(given[key]))]
+        return recipe, roles, attrs
 
     def record(self, layer: str, k_meta: int) -> dict:
         """The full per-layer record, rebuilt from the graph."""
