@@ -75,7 +75,10 @@ def _split_external(model: onnx.ModelProto, output_name: str) -> tuple[onnx.Mode
 def _own_data_files(path: Path) -> set[str]:
     """Data files that the model now at ``path`` references, in its folder and named after it."""
     folder, name = path.parent, path.name
-    if not any(p.is_file() for p in folder.glob(f"{name}.*data")):  # skip parsing a big self-contained model
+    def ours(loc: str) -> bool:
+        return loc == os.path.basename(loc) and loc.startswith(f"{name}.") and loc.endswith(".data")
+
+    if not any(ours(p.name) for p in folder.iterdir()):  # then skip parsing a big self-contained model
         return set()
     try:
         old = onnx.load(str(path), load_external_data=False)
@@ -85,7 +88,7 @@ def _own_data_files(path: Path) -> set[str]:
     for t in _initializers(old.graph):
         if is_external(t):
             loc = next((e.value for e in t.external_data if e.key == "location"), "")
-            if loc and loc == os.path.basename(loc) and loc.startswith(f"{name}.") and loc.endswith(".data"):
+            if ours(loc):
                 found.add(loc)
     return found
 
