@@ -237,6 +237,7 @@ Examples:
               "with .html]. Markdown also writes its plots (PNG) to a folder OUTPUT-STEM_plots/ beside it.")
 def report_cmd(report_json, fmt, output):
     """Render a JSON report written by compress. The plots need matplotlib: pip install 'axcnn[plots]'."""
+    _setup_logging(0, False)  # warnings (a newer schema, a plot left out) print as "axcnn: ..." on stderr
     import os
     from pathlib import Path
 
