@@ -275,6 +275,14 @@ def test_markdown_file_links_plots_that_exist(tmp_path):
     assert sorted(written[1:]) == sorted(target.parent / p for p in links)
 
 
+def test_markdown_rewritten_for_a_smaller_report_drops_stale_plots(tmp_path):
+    target = tmp_path / "rep.md"
+    render.write(full_report(), "markdown", target)
+    (tmp_path / "rep_plots" / "mine.txt").write_text("not ours")
+    render.write(first_round_report(), "markdown", target)
+    assert sorted(p.name for p in (tmp_path / "rep_plots").iterdir()) == ["candidates.png", "layers.png", "mine.txt"]
+
+
 def test_markdown_to_stdout_has_no_image_links():
     text = render.render(full_report(), "markdown")
     assert "![" not in text and "## Pareto front" in text

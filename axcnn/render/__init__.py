@@ -151,6 +151,12 @@ def write(report: dict, fmt: str, path: str | os.PathLike) -> list[Path]:
         if created and folder.is_dir():
             shutil.rmtree(folder, ignore_errors=True)
         raise
+    from axcnn.render.plots import NAMES
+
+    for name in set(NAMES) - {f.name for f in figures}:  # a plot an earlier render of this file had, now stale
+        (folder / f"{name}.png").unlink(missing_ok=True)
+    if not figures and folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
     return [path, *written]
 
 

@@ -32,6 +32,7 @@ INDEX = "#3b6ea8"  # index bits
 CENTROIDS = "#e0a030"  # centroid table
 CHOSEN = "#c0392b"
 MAX_PANELS = 12
+NAMES = ("layers", "front", "sensitivity", "candidates")  # file stems, in reading order
 
 
 @dataclass(frozen=True)
