@@ -5,10 +5,12 @@ The report builders here are shared by the other tests/test_render_*.py modules.
 
 from __future__ import annotations
 
+import atexit
 import builtins
 import copy
 import json
 import math
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -32,6 +34,7 @@ def first_round_report() -> dict:
         from axcnn.config import CompressConfig
 
         folder = Path(tempfile.mkdtemp(prefix="axcnn-render-"))
+        atexit.register(shutil.rmtree, folder, True)
         model = tiny_cnn(seed=3)
         x, y = tiny_data(model, n=80)
         onnx.save(model, folder / "tiny.onnx")
