@@ -1,4 +1,4 @@
-"""The report: data first. ``build`` makes a JSON-ready dict; renderers read only that dict.
+"""The report: data first. ``build`` makes a JSON-ready dict; the renderers in :mod:`axcnn.render` read only that dict.
 
 Every figure comes from a measurement or from Eq. 1 on the tensors actually written.
 """
@@ -16,6 +16,7 @@ from axcnn import __version__
 from axcnn.atomic import atomic_write_text
 from axcnn.cluster import eq1_bits, index_bits
 from axcnn.model import Skipped, constant_tensors
+from axcnn.render.table import text_table as _table  # noqa: F401  (axcnn.inspect imports it from here)
 
 SCHEMA_VERSION = 1
 
@@ -138,64 +139,3 @@ def write_json(report: dict, path: str | os.PathLike) -> None:
 def load_json(path: str | os.PathLike) -> dict:
     with open(path) as f:
         return json.load(f)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# renderers: they read the JSON dict only
-
-
-def _fmt_shape(shape) -> str:
-    return "x".join(str(s) for s in shape)
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
-    out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-            for r in rows]
-    return out
-
-
-def render_table(rep: dict, max_rows: int = 40) -> str:
-    """A short terminal summary: one row per layer, then the totals."""
-    headers = ["layer", "op", "shape", "weights", "K", "bits", "CR", "score"]
-    rows = []
-    for layer in rep["layers"]:
-        name = layer["name"] if len(layer["name"]) <= 36 else "…" + layer["name"][-35:]
-        score = "-" if layer["score"] is None else f"{layer['score'] * 100:.2f}%"
-        rows.append([name, layer["op_type"], _fmt_shape(layer["shape"]), str(layer["weights"]),
-                     str(layer["k"]), str(layer["index_bits"]), f"{layer['compression_ratio']:.2f}", score])
-    lines = _table(headers, rows[:max_rows])
-    if len(rows) > max_rows:
-        lines.append(f"… {len(rows) - max_rows} more layers in the JSON report")
-    t = rep["timing"]
-    lines += [
-        "",
-        f"{rep['metric']}: reference {rep['reference_score'] * 100:.2f}%  final {rep['final_score'] * 100:.2f}%  "
-        f"loss {rep['accuracy_loss_pp']:.2f} pp  ({rep['samples']} samples)",
-        f"compression ratio (Eq. 1): {rep['compression_ratio']:.2f}x over {rep['weights_clustered']} weights in "
-        f"{len(rep['layers'])} layers",
-        f"file: {rep['file_bytes_before']:,} -> {rep['file_bytes_after']:,} bytes ({rep['file_ratio']:.2f}x)",
-        f"time: clustering {t['clustering_s']:.1f}s  scoring {t['scoring_s']:.1f}s "
-        f"({t['candidates_scored']} candidates, {t['cost_t_pass']:.1f} T_pass)  total {t['total_s']:.1f}s",
-    ]
-    return "\n".join(lines)
-
-
-def render_markdown(rep: dict) -> str:
-    """The same summary as a Markdown table."""
-    lines = [f"# axcnn report: {Path(rep['model']).name}", "",
-             "| layer | op | shape | weights | K | bits | CR | stored bytes | score |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    for layer in rep["layers"]:
-        score = "-" if layer["score"] is None else f"{layer['score'] * 100:.2f}%"
-        lines.append(f"| `{layer['name']}` | {layer['op_type']} | {_fmt_shape(layer['shape'])} | {layer['weights']} "
-                     f"| {layer['k']} | {layer['index_bits']} | {layer['compression_ratio']:.2f} "
-                     f"| {layer['stored_bytes']} | {score} |")
-    lines += ["", f"- {rep['metric']}: reference {rep['reference_score'] * 100:.2f}%, final "
-              f"{rep['final_score'] * 100:.2f}%, loss {rep['accuracy_loss_pp']:.2f} pp on {rep['samples']} samples",
-              f"- compression ratio (Eq. 1): {rep['compression_ratio']:.2f}x",
-              f"- file: {rep['file_bytes_before']:,} → {rep['file_bytes_after']:,} bytes "
-              f"({rep['file_ratio']:.2f}x)"]
-    return "\n".join(lines) + "\n"
