@@ -71,10 +71,9 @@ def test_garbage_toml(proj, text):
                                       "output = 'm.onnx'", "min_cr = -1", "data = ''", "'''", "model = []"]),
                      max_size=8))
 def test_shuffled_toml_lines(proj, text):
+    """Lines of batch files in any order: a plan that is valid beside the model and data loads; any other is
+    refused by the CLI in one line."""
     body = "\n".join(text)
-    if "[[model]]\npath = 'm.onnx'\ndata = 'd.npz'" in body and body.count("[[model]]") == 1 and "=" not in \
-            body.replace("[[model]]\npath = 'm.onnx'\ndata = 'd.npz'", ""):
-        return  # the one valid file these lines can make
     try:
         load_plan(_write(proj, body))
     except AxcnnError:
@@ -135,8 +134,7 @@ def test_bad_values_are_refused_naming_the_key(proj, key, value):
 # -- outputs -------------------------------------------------------------------------------------------------------
 
 def _case(proj):
-    d = Path(tempfile.mkdtemp(prefix="out-"))
-    return d
+    return Path(tempfile.mkdtemp(prefix="out-"))
 
 
 @pytest.mark.parametrize("make_args, said", [
@@ -203,9 +201,9 @@ def _leftovers(d: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir() if p.name not in ("o.run",))
 
 
-# fsync calls of one run of the tiny model: 0 journal header, 1-9 candidates and layers, 10 model, 11 report,
-# 12 the output folder, 13 the journal's "done"
-@pytest.mark.parametrize("n", [0, 1, 5, 9, 10, 11])
+# fsync calls of one run of the tiny model: 0 journal header, 1-9 candidates and layers, 10 model, 11 its folder,
+# 12 report, 13 its folder, 14 the journal's "done"
+@pytest.mark.parametrize("n", [0, 1, 5, 9, 10, 12])
 def test_full_disk_at_each_fsync(proj, monkeypatch, n):
     d = _case(proj)
     whole = _case(proj)
@@ -223,7 +221,7 @@ def test_full_disk_at_each_fsync(proj, monkeypatch, n):
     assert (d / "o.onnx").read_bytes() == (whole / "o.onnx").read_bytes()
 
 
-@pytest.mark.parametrize("n", [12, 13])
+@pytest.mark.parametrize("n", [11, 13, 14])
 def test_full_disk_after_the_outputs_are_written(proj, monkeypatch, n):
     """The outputs are whole and in place: the run succeeds (a journal left unfinished is only logged)."""
     d = _case(proj)
