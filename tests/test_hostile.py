@@ -66,8 +66,9 @@ def base(tmp_path_factory):
     return root, model, x, y
 
 
-def _case_dir() -> Path:
-    return Path(tempfile.mkdtemp(prefix="hostile-"))
+def _case_dir(root: Path) -> Path:
+    """A fresh folder for one generated case, under the module's pytest folder (cleaned up like any tmp_path)."""
+    return Path(tempfile.mkdtemp(prefix="case-", dir=root))
 
 
 # -- protobufs ---------------------------------------------------------------------------------------------------
@@ -76,7 +77,7 @@ def _case_dir() -> Path:
 @given(blob=st.binary(min_size=0, max_size=400))
 def test_garbage_bytes_are_not_a_model(base, blob):
     root = base[0]
-    d = _case_dir()
+    d = _case_dir(base[0])
     (d / "g.onnx").write_bytes(blob)
     (d / "out").mkdir()
     outcome(compress_args(d / "g.onnx", root / "d.npz", d / "out"), d / "out")
@@ -92,7 +93,7 @@ def test_truncated_or_corrupted_model(base, cut, flip, mode):
         data = data[:at]
     else:
         data[at] ^= 1 + flip % 255
-    d = _case_dir()
+    d = _case_dir(base[0])
     (d / "t.onnx").write_bytes(bytes(data))
     (d / "out").mkdir()
     outcome(compress_args(d / "t.onnx", root / "d.npz", d / "out"), d / "out", must_fail=False)
@@ -167,7 +168,7 @@ MUTATIONS = ["cycle", "missing_initializer", "dangling_input", "drop_node", "wro
        value=st.sampled_from([float("nan"), float("inf"), -float("inf"), 0.0, 3.0, -7.0, 1e30]))
 def test_malformed_graphs(base, kind, a, b, value):
     root, model = base[0], base[1]
-    d = _case_dir()
+    d = _case_dir(base[0])
     (d / "out").mkdir()
     bad = _mutate(model, kind, a, b, value)
     (d / "b.onnx").write_bytes(bad.SerializeToString())
@@ -280,7 +281,7 @@ def fortress(tmp_path_factory, base):
 def _run_watched(fortress, location):
     global _WATCH
     d = Path(tempfile.mkdtemp(prefix="ext-", dir=fortress / "model"))
-    out = Path(tempfile.mkdtemp(prefix="out-"))
+    out = Path(tempfile.mkdtemp(prefix="out-", dir=fortress))
     model = _external(tiny_cnn(seed=7), "w3", location)
     (d / "e.onnx").write_bytes(model.SerializeToString())
     _WATCH = {"opened": []}
@@ -288,7 +289,7 @@ def _run_watched(fortress, location):
         r = outcome(compress_args(d / "e.onnx", fortress / "model" / "d.npz", out), out, must_fail=False)
     finally:
         opened, _WATCH = _WATCH["opened"], None
-    forbidden = [p for p in opened if p.startswith(str(fortress)) and not p.startswith(str(d))
+    forbidden = [p for p in opened if p.startswith(str(fortress)) and not p.startswith((str(d), str(out)))
                  and p != str(fortress / "model" / "d.npz")]
     assert not forbidden, f"read outside the model's folder: {forbidden}"
     return r
@@ -395,7 +396,7 @@ def datasets(draw):
                                                       ["--mean", "0.5", "--std", "0.25"]]))
 def test_malformed_data(base, arrays, preprocess):
     root = base[0]
-    d = _case_dir()
+    d = _case_dir(base[0])
     (d / "out").mkdir()
     np.savez(d / "d.npz", **arrays)
     outcome(compress_args(root / "m.onnx", d / "d.npz", d / "out", *preprocess), d / "out", must_fail=False)
@@ -423,7 +424,7 @@ def test_bad_data_is_refused(base, tmp_path, make, said):
 @given(blob=st.binary(max_size=300), prefix=st.sampled_from([b"", b"PK\x03\x04", b"\x93NUMPY", b"PK\x05\x06"]))
 def test_garbage_data_files(base, blob, prefix):
     root = base[0]
-    d = _case_dir()
+    d = _case_dir(base[0])
     (d / "out").mkdir()
     (d / "g.npz").write_bytes(prefix + blob)
     outcome(compress_args(root / "m.onnx", d / "g.npz", d / "out"), d / "out")

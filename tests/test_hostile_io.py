@@ -134,7 +134,7 @@ def test_bad_values_are_refused_naming_the_key(proj, key, value):
 # -- outputs -------------------------------------------------------------------------------------------------------
 
 def _case(proj):
-    return Path(tempfile.mkdtemp(prefix="out-"))
+    return Path(tempfile.mkdtemp(prefix="out-", dir=proj))
 
 
 @pytest.mark.parametrize("make_args, said", [
