@@ -207,8 +207,8 @@ def _run(model_path, model, skeleton, io, layers, skipped, data, labels, output,
     if report_file is not None:
         try:
             report.write_json(rep, report_file)
-        except OSError as exc:  # no model without its report: remove the one just written
+        except (OSError, AxcnnError):  # no model without its report: remove the one just written
             for f in model_files(output, onnx.load(str(output), load_external_data=False)):
                 f.unlink(missing_ok=True)
-            raise OSError(exc.errno, exc.strerror, str(report_file)) from exc
+            raise
     return Result(output, report_file, rep)

@@ -36,8 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from axcnn import __version__
-from axcnn.atomic import atomic_write_text
+from axcnn import __version__, atomic
 from axcnn.config import CompressConfig
 from axcnn.data import Preprocess
 from axcnn.errors import AxcnnError, BudgetNotMet
@@ -400,13 +399,14 @@ def junit_xml(plan: Plan, outcomes: list[Outcome]) -> str:
 
 
 def write_results(plan: Plan, outcomes: list[Outcome], summary_path: Path | None, junit_path: Path | None) -> None:
-    """Write the summary and the JUnit file (each atomically, their folders made if missing) where asked."""
+    """Write the summary and the JUnit file (each atomically, their folders made if missing) where asked. Raises
+    AxcnnError when one cannot be written."""
     if summary_path is not None:
         summary_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(summary_path, json.dumps(summary(plan, outcomes), indent=2) + "\n")
+        atomic.write_text(summary_path, json.dumps(summary(plan, outcomes), indent=2) + "\n")
     if junit_path is not None:
         junit_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(junit_path, junit_xml(plan, outcomes))
+        atomic.write_text(junit_path, junit_xml(plan, outcomes))
 
 
 def check_result_path(path: Path, what: str, plan: Plan) -> None:

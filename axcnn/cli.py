@@ -322,8 +322,10 @@ def batch_cmd(config, summary_path, junit_path, fail_fast, resume, verbose, quie
     def write_results():
         try:
             batch.write_results(plan, outcomes, summary_file, junit_file)
-        except OSError as exc:
+        except OSError as exc:  # making a folder
             _fail(f"cannot write {exc.filename or 'the results'}: {exc.strerror or exc}")
+        except AxcnnError as exc:
+            _fail(str(exc))
 
     try:
         from tqdm.contrib.logging import logging_redirect_tqdm

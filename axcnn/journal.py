@@ -268,9 +268,10 @@ class Journal:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        """On an AxcnnError (the input is at fault: the same run would fail again) the journal is removed; on any
-        other exception (Ctrl-C, a full disk, a crash) it is kept when it holds records, for ``resume``."""
-        if exc_type is not None and (issubclass(exc_type, AxcnnError) or not self._records):
+        """On an AxcnnError that the input caused (the same run would fail again) the journal is removed; on any
+        other exception (Ctrl-C, a crash, or the environment: an OSError, or an AxcnnError raised from one, such as
+        a full disk) it is kept when it holds records, for ``resume``."""
+        if exc is not None and (_input_fault(exc) or not self._records):
             self.discard()
         self.close()
 
@@ -331,6 +332,11 @@ class Journal:
         t = v["timing"]
         return LayerDecision(spec, v["n_unique"], v["clamped"], candidates, chosen, clustering, v["plan"],
                              t["clustering_s"], t["scoring_s"], t["estimate_s"])
+
+
+def _input_fault(exc: BaseException) -> bool:
+    """An error of the input (the model, the data, the options), as opposed to the environment or an interrupt."""
+    return isinstance(exc, AxcnnError) and not isinstance(exc.__cause__, OSError)
 
 
 def _candidate_dict(c: Candidate) -> dict:

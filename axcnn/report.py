@@ -8,12 +8,10 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import onnx
 
-from axcnn import __version__
-from axcnn.atomic import atomic_write_text
+from axcnn import __version__, atomic
 from axcnn.cluster import eq1_bits, index_bits
 from axcnn.model import Skipped, constant_tensors
 from axcnn.render.table import text_table as _table  # noqa: F401  (axcnn.inspect imports it from here)
@@ -132,8 +130,9 @@ def _pp(exploration, correct: int | None) -> float | None:
 
 
 def write_json(report: dict, path: str | os.PathLike) -> None:
-    """Write atomically: a temporary file in the same folder, fsync, rename (see :mod:`axcnn.atomic`)."""
-    atomic_write_text(path, json.dumps(report, indent=2) + "\n")
+    """Write atomically: a temporary file in the same folder, fsync, rename (see :mod:`axcnn.atomic`). Raises
+    AxcnnError (one line) when the file cannot be written."""
+    atomic.write_text(path, json.dumps(report, indent=2) + "\n")
 
 
 def load_json(path: str | os.PathLike) -> dict:
