@@ -4,16 +4,23 @@ Submodules:
 
 - :mod:`axcnn.cluster.scalar`: one codebook per layer, scalar entries; exact (optimal) 1-D k-means of one
   array for every ``K`` of a range, optionally weighted per value (:func:`cluster_range`).
+- :mod:`axcnn.cluster.groups`: one codebook per channel group or per kernel (:func:`cluster_groups`).
 - :mod:`axcnn.cluster.eq1`: Eq. 1 bit counts (:func:`eq1_bits`, :func:`compression_ratio`).
 """
 
 from axcnn.cluster.eq1 import compression_ratio, eq1_bits, index_bits, index_dtype
+from axcnn.cluster.groups import GRANULARITIES, GroupClustering, GroupSpec, GroupTable, cluster_groups
 from axcnn.cluster.scalar import BACKENDS, Clustering, ClusterTable, cluster_range
 
 __all__ = [
     "BACKENDS",
+    "GRANULARITIES",
     "ClusterTable",
     "Clustering",
+    "GroupClustering",
+    "GroupSpec",
+    "GroupTable",
+    "cluster_groups",
     "cluster_range",
     "compression_ratio",
     "eq1_bits",
