@@ -134,6 +134,35 @@ def affine_site(model: onnx.ModelProto, weight: str) -> AffineSite | Skipped:
     return got if isinstance(got, Skipped) else got[0]
 
 
+def current_bias(model: onnx.ModelProto, weight: str) -> np.ndarray:
+    """The per-channel bias the layer reading ``weight`` adds now, as float64 [C]: what ``apply_channel_affine``'s
+    ``bias`` must be for the layer to compute what it does (with a scale of ones). Conv / ConvTranspose: the bias
+    input (zeros when absent); Gemm: beta * C, broadcast per channel; MatMul: its bias Add's constant (zeros when it
+    has none). Raises ValueError when the weight is not supported (see ``affine_site``)."""
+    ed = Edit(model)
+    got = _site(ed, weight)
+    if isinstance(got, Skipped):
+        raise ValueError(f"cannot read the bias of {weight}: {got.reason}")
+    site, parts = got
+    if site.op_type == "MatMul":
+        if parts.add is None:
+            return np.zeros(site.channels)
+        y = (parts.mul or parts.layer).output[0]
+        const = ed.array(parts.add.input[const_slot(parts.add, y)])
+        vec = per_channel(const, matmul_rank(ed, y, const), -1, site.channels)
+        out = np.zeros(site.channels) if vec is None else vec
+    else:
+        name, values = bias_of(ed, parts.layer)
+        out = np.zeros(site.channels) if values is None else np.broadcast_to(
+            np.asarray(values, dtype=np.float64).reshape(-1), (site.channels,)).copy()
+        if site.op_type == "Gemm":
+            out = out * float(attr(parts.layer, "beta", 1.0))
+    if parts.mul is not None:  # a template or an earlier edit: the stored bias is t / s
+        s = ed.array(site.scale).astype(np.float64).reshape(-1)
+        out = out * s if site.op_type != "MatMul" else out
+    return out
+
+
 def apply_channel_affine(model: onnx.ModelProto, weight: str, scale, bias, *,
                          always_scale: bool = False) -> AffineSite:
     """In place: make the layer that reads ``weight`` compute s * (W x) + t per output channel (t replaces the

@@ -16,7 +16,7 @@ from axcnn.cluster import eq1_bits, index_bits
 from axcnn.model import Skipped, constant_tensors
 from axcnn.render.table import text_table as _table  # noqa: F401  (axcnn.inspect imports it from here)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def settings_dict(config, preprocess, data_path, samples: int, io) -> dict:
@@ -37,9 +37,10 @@ def _tensor_bytes(t: onnx.TensorProto) -> int:
 
 def build(*, model_path, output_path, settings, exploration, skipped: Sequence[Skipped], stored, final_correct,
           out_model, original, file_bytes_before, file_bytes_after, final_check_s, total_s, providers,
-          candidates_resumed: int = 0) -> dict:
+          section: dict | None = None, evaluation: dict | None = None, candidates_resumed: int = 0) -> dict:
     """The report of one run. ``candidates_resumed``: scored candidates taken from the journal of an earlier,
     stopped invocation (timing.candidates_scored counts only those this invocation scored)."""
+    section = dict(section or {"mode": "greedy"})
     n = exploration.samples
     stored_by_name = {s.name: s for s in stored}
     layers = []
@@ -48,15 +49,18 @@ def build(*, model_path, output_path, settings, exploration, skipped: Sequence[S
         spec, ch = d.spec, d.chosen
         st = stored_by_name[spec.name]
         bits_before += spec.weights * spec.bits
-        bits_after += eq1_bits(spec.weights, d.clustering.k, spec.bits)
+        layer_bits = eq1_bits(spec.weights, d.clustering.k, spec.bits) + d.extra_bits
+        bits_after += layer_bits
         layers.append({
             "name": spec.name, "op_type": spec.op_type, "node": spec.node, "shape": list(spec.shape),
             "dtype": spec.dtype, "bits": spec.bits, "weights": spec.weights, "unique_values": d.n_unique,
             "k": d.clustering.k, "k_clamped": d.clamped, "index_bits": index_bits(d.clustering.k),
             "inertia": d.clustering.inertia, "score": ch.score, "accuracy_loss_pp": _pp(exploration, ch.correct),
-            "compression_ratio": ch.compression_ratio, "stored_bytes": st.stored_bytes,
+            "compression_ratio": spec.weights * spec.bits / layer_bits, "stored_bytes": st.stored_bytes,
             "index_bytes": st.index_bytes, "centroid_bytes": st.centroid_bytes, "encoding": st.encoding,
-            "scoring_plan": d.plan,
+            "scoring_plan": d.plan, "granularity": "layer", "group_size": None, "vector_dim": 1, "codebooks": 1,
+            "extra_bits": d.extra_bits, "predicted_loss": d.predicted, "predicted_loss_pp": d.predicted_loss_pp,
+            "repair": None if d.repair is None else {"scale": bool(d.extra_bits), "bias": True},
             "timing": {"clustering_s": d.clustering_s, "estimate_s": d.estimate_s, "scoring_s": d.scoring_s},
             "candidates": [
                 {"k": c.k, "inertia": c.inertia, "estimate": c.estimate, "scored": c.scored, "score": c.score,
@@ -67,7 +71,13 @@ def build(*, model_path, output_path, settings, exploration, skipped: Sequence[S
         })
     reference = exploration.reference_correct / n
     final = final_correct / n
-    scoring_s = sum(d.scoring_s for d in exploration.decisions)
+    measured_on, n_measured = "selection", n
+    ver = (evaluation or {}).get("verification")
+    if ver:  # the honest figure: samples the search never saw
+        reference, final, measured_on, n_measured = ver["reference_score"], ver["final_score"], "verification", \
+            ver["samples"]
+    scoring_s = exploration.scoring_s if exploration.scoring_s is not None else sum(
+        d.scoring_s for d in exploration.decisions)
     estimate_s = sum(d.estimate_s for d in exploration.decisions)
     clustered_payload = sum(s.stored_bytes for s in stored)
     original_names = set(constant_tensors(original))
@@ -76,6 +86,10 @@ def build(*, model_path, output_path, settings, exploration, skipped: Sequence[S
         _tensor_bytes(t) for name, (t, _) in constant_tensors(out_model).items()
         if name in original_names and name not in shared_names
     )
+    repair_names = {n for d in exploration.decisions if d.affine is not None
+                    for n in (d.affine.scale, d.affine.bias)} - original_names
+    repair_bytes = sum(_tensor_bytes(t) for name, (t, _) in constant_tensors(out_model).items()
+                       if name in repair_names)
     return {
         "schema_version": SCHEMA_VERSION,
         "tool": {"name": "axcnn", "version": __version__, "providers": list(providers)},
@@ -83,7 +97,13 @@ def build(*, model_path, output_path, settings, exploration, skipped: Sequence[S
         "output": str(output_path),
         "settings": settings,
         "metric": settings["metric"],
-        "samples": n,
+        **section,
+        "evaluation": evaluation or {"selection": {
+            "samples": n, "reference_score": exploration.reference_correct / n, "final_score": final_correct / n,
+            "accuracy_loss_pp": round((exploration.reference_correct - final_correct) / n * 100, 6)},
+            "verification": None},
+        "accuracy_measured_on": measured_on,
+        "samples": n_measured,
         "reference_score": reference,
         "final_score": final,
         "accuracy_loss_pp": round((reference - final) * 100, 6),
@@ -97,11 +117,13 @@ def build(*, model_path, output_path, settings, exploration, skipped: Sequence[S
         "file_breakdown": {
             "how": "clustered_payload = raw bytes of the index and centroid tensors of shared layers; "
                    "unclustered_tensors = serialized bytes of the original constant tensors kept dense (biases, "
-                   "small or skipped weights); graph_and_decode_overhead = the rest of the written file(s): "
+                   "small or skipped weights); repair_tensors = the repair's per-channel scales and new biases; "
+                   "graph_and_decode_overhead = the rest of the written file(s): "
                    "nodes, names, decode helper constants, metadata and protobuf framing",
             "clustered_payload": clustered_payload,
             "unclustered_tensors": unclustered,
-            "graph_and_decode_overhead": file_bytes_after - clustered_payload - unclustered,
+            "repair_tensors": repair_bytes,
+            "graph_and_decode_overhead": file_bytes_after - clustered_payload - unclustered - repair_bytes,
         },
         "timing": {
             "clustering_s": sum(d.clustering_s for d in exploration.decisions),

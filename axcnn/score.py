@@ -585,3 +585,59 @@ def count_all(model: onnx.ModelProto | bytes, runner: Runner, io: IOInfo, x: np.
         correct += count_correct(out, labels[start:start + len(out)], metric)
         start += len(out)
     return correct
+
+
+@dataclass(frozen=True)
+class Count:
+    correct: int
+    seen: int
+    stopped: bool  # stopped once more than ``max_wrong`` samples were wrong (only a lower bound on wrong is known)
+
+
+def count_bounded(model: onnx.ModelProto | bytes, runner: Runner, io: IOInfo, x: np.ndarray, labels: np.ndarray,
+                  metric: str, batch: int, max_wrong: int | None = None) -> Count:
+    """Correct predictions of a whole model over ``x``, stopping as soon as more than ``max_wrong`` samples are
+    wrong (exact: the model then provably has more than ``max_wrong`` errors). Order ``x`` hardest first for
+    early stops."""
+    correct = start = 0
+    for out in run_model(model, runner, io, x, batch):
+        correct += count_correct(out, labels[start:start + len(out)], metric)
+        start += len(out)
+        if max_wrong is not None and start - correct > max_wrong and start < len(x):
+            return Count(correct, start, True)
+    return Count(correct, start, False)
+
+
+def correct_mask(model: onnx.ModelProto | bytes, runner: Runner, io: IOInfo, x: np.ndarray, labels: np.ndarray,
+                 metric: str, batch: int) -> np.ndarray:
+    """Per sample: whether the model's prediction is correct (for paired comparisons of two models)."""
+    masks, start = [], 0
+    for out in run_model(model, runner, io, x, batch):
+        logits = out.reshape(len(out), -1)
+        lab = labels[start:start + len(out)]
+        if metric == "top5":
+            k = min(5, logits.shape[1])
+            top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+            masks.append(np.any(top == lab[:, None], axis=1))
+        else:
+            masks.append(np.argmax(logits, axis=1) == lab)
+        start += len(out)
+    return np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
+
+
+def paired_loss(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    """Accuracy loss of ``candidate`` against ``reference`` on the same samples (boolean correct masks), in points,
+    with a 95% confidence interval from the paired differences: only samples where the two disagree carry
+    information (normal approximation on the per-sample difference)."""
+    n = len(reference)
+    if n == 0:
+        return {"samples": 0, "accuracy_loss_pp": None, "ci95_pp": None, "disagreements": 0}
+    lost = int(np.sum(reference & ~candidate))
+    gained = int(np.sum(~reference & candidate))
+    mean = (lost - gained) / n
+    var = (lost + gained) / n - mean * mean
+    half = 1.96 * np.sqrt(max(var, 0.0) / n)
+    return {"samples": n, "reference_score": float(reference.mean()), "final_score": float(candidate.mean()),
+            "accuracy_loss_pp": round(100 * mean, 6), "ci95_pp": [round(float(100 * (mean - half)), 6),
+                                                                  round(float(100 * (mean + half)), 6)],
+            "disagreements": lost + gained}

@@ -256,3 +256,21 @@ def test_affine_real_models():
             onnx.checker.check_model(out)
             assert [o.name for o in out.graph.output] == [o.name for o in model.graph.output], key
             close(run(out, x), run(reference(model, s, t, site.weight), x), rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", list(AFFINE_CASES))
+def test_current_bias_reads_what_the_layer_adds(case):
+    """current_bias gives the bias that, with a scale of ones, leaves the layer's outputs unchanged, before and
+    after an edit."""
+    from axcnn.affine import current_bias
+
+    model = affine_model(case)
+    x = sample(model)
+    site = affine_site(model, "w")
+    b = current_bias(model, "w")
+    assert b.shape == (site.channels,)
+    template = set_channel_affine(model, "w", np.ones(site.channels), b, always_scale=True)
+    close(run(template, x), run(model, x))
+    s, t = draw(3)
+    edited = set_channel_affine(model, "w", s, t)
+    np.testing.assert_allclose(current_bias(edited, "w"), t, rtol=1e-5, atol=1e-6)

@@ -295,3 +295,20 @@ def test_three_real_models_one_unmeetable_gate(tmp_path):
     assert [c.find("failure") is not None for c in cases] == [False, True, False]
     for name in (names[0], names[2]):
         onnx.checker.check_model(onnx.load(str(tmp_path / "out" / f"{name}.onnx")))
+
+
+def test_budget_mode_gate_reads_the_verification_loss(project):
+    """max_loss is the budget option and the gate: the gate is judged on the held-out verification loss, and a
+    budget the search cannot meet is a failure (with no model written), not an error."""
+    path = _write(project, "[defaults]\nmin_weights = 16\n" + _model(0, "max_loss = 50.0")
+                  + _model(1, "max_loss = 0.0\nholdout = 0.5"))
+    junit = project / "j.xml"
+    r = _run(["batch", str(path), "--junit", str(junit), "-q"])
+    assert r.exit_code == 1 and "PASS  models/m0.onnx" in r.stdout and "FAIL  models/m1.onnx" in r.stdout
+    rep = json.loads((project / "out" / "m0.report.json").read_text())
+    loss = rep["evaluation"]["verification"]["accuracy_loss_pp"]
+    (o,) = [o for o in batch.run_plan(load_plan(path), resume=True) if o.job.index == 1]
+    assert o.gates == (Gate("max_loss", 50.0, loss, True),)
+    cases = ET.parse(junit).getroot().find("testsuite").findall("testcase")
+    assert cases[1].find("failure").get("type") == "gate" and cases[1].find("error") is None
+    assert not (project / "out" / "m1.onnx").exists()

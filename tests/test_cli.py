@@ -34,7 +34,7 @@ def test_compress_writes_model_and_report(tiny_files, tmp_path):
     assert "compression ratio (Eq. 1)" in r.output and "wrote" in r.output
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
     report = json.loads(rep.read_text())
-    assert report["schema_version"] == 1 and len(report["layers"]) == 3
+    assert report["schema_version"] == 2 and len(report["layers"]) == 3
     r = _run(["report", str(rep), "--format", "markdown"])
     assert r.exit_code == 0 and r.output.startswith("# axcnn report")
 

@@ -40,8 +40,17 @@ def first_round_report() -> dict:
         onnx.save(model, folder / "tiny.onnx")
         np.savez(folder / "tiny.npz", x=x, y=y)
         cfg = CompressConfig(kmin=2, kmax=8, filter=0.34, min_weights=16, batch_size=32)
-        _FIRST_ROUND.update(compress(folder / "tiny.onnx", folder / "tiny.npz", folder / "out.onnx", None,
-                                     cfg).report)
+        rep = compress(folder / "tiny.onnx", folder / "tiny.npz", folder / "out.onnx", None, cfg).report
+        # what the first round wrote: schema 1, none of the fields added since
+        schema2 = {"mode", "budget", "evaluation", "accuracy_measured", "accuracy_measured_on", "data",
+                   "sensitivity", "front"}
+        rep = {k: v for k, v in rep.items() if k not in schema2}
+        rep["schema_version"] = 1
+        layer_fields = {"granularity", "group_size", "vector_dim", "codebooks", "extra_bits", "predicted_loss",
+                        "predicted_loss_pp", "repair"}
+        rep["layers"] = [{k: v for k, v in layer.items() if k not in layer_fields} for layer in rep["layers"]]
+        rep["file_breakdown"].pop("repair_tensors", None)
+        _FIRST_ROUND.update(rep)
     return copy.deepcopy(_FIRST_ROUND)
 
 
