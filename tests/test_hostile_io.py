@@ -276,9 +276,6 @@ def test_entry_point_garbage_model_is_one_line(proj, tmp_path):
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and not r.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="bug outside this branch: score.Runner sets the sessions' "
-                   "log_severity_level to 3, so onnxruntime prints its own coloured error line to stderr before "
-                   "axcnn's one-line error (set 4, fatal only, below -vv)")
 def test_entry_point_runtime_failure_is_one_line(proj, tmp_path):
     model = tiny_cnn(seed=11)
     model.graph.node[2].attribute[0].i = 3  # group 3 over 8 channels: fails when it runs
