@@ -17,6 +17,7 @@ from axcnn import __version__, affine, fold, report, rewrite, score
 from axcnn.config import CompressConfig
 from axcnn.data import Preprocess, load_npz, prepare, stratified_subset
 from axcnn.errors import AxcnnError, BudgetNotMet
+from axcnn.executor import make_executor
 from axcnn.explore import Explorer, Progress
 from axcnn.model import inventory, io_info, load_model, uses_external_data
 from axcnn.search.budget import run_budget
@@ -151,17 +152,21 @@ def compress(
 
     providers = score.select_providers(config.device)
     labels = None if config.metric == "agreement" else selection.y
-    explorer = Explorer(model, io, selection.x, labels, config, providers, progress=progress)
-    ver_labels = None
-    if verification is not None:
-        ver_labels = verification.y if config.metric != "agreement" else _agreement_labels(
-            model, explorer.runner, io, verification.x, config.batch_size)
-    if config.mode == "greedy":
-        exploration = greedy(explorer, layers)
-        section: dict = {"mode": "greedy"}
-    else:
-        exploration, section = run_budget(explorer, layers, config,
-                                          None if verification is None else (verification.x, ver_labels), progress)
+    executor = make_executor(config)  # where the search's scoring tasks run; closed once the search is done
+    try:
+        explorer = Explorer(model, io, selection.x, labels, config, providers, progress=progress, executor=executor)
+        ver_labels = None
+        if verification is not None:
+            ver_labels = verification.y if config.metric != "agreement" else _agreement_labels(
+                model, explorer.runner, io, verification.x, config.batch_size)
+        if config.mode == "greedy":
+            exploration = greedy(explorer, layers)
+            section: dict = {"mode": "greedy"}
+        else:
+            exploration, section = run_budget(explorer, layers, config, None if verification is None else (
+                verification.x, ver_labels), progress)
+    finally:
+        executor.close()
     if not exploration.decisions:
         raise AxcnnError("no layer could be shared: " + "; ".join(f"{n}: {r}" for n, r in exploration.skipped))
 
@@ -214,7 +219,7 @@ def compress(
         skipped=skipped, stored=stored, final_correct=final_correct, out_model=out_model, original=model,
         file_bytes_before=file_bytes_before, file_bytes_after=file_bytes_after,
         final_check_s=final_s, total_s=time.perf_counter() - t_start, providers=providers,
-        section=section, evaluation=evaluation,
+        section=section, evaluation=evaluation, executor=executor.describe(),
     )
     if report_file is not None:
         report.write_json(rep, report_file)

@@ -21,6 +21,7 @@ from axcnn import estimate, score
 from axcnn.cluster import Clustering, cluster_range, compression_ratio
 from axcnn.config import CompressConfig
 from axcnn.errors import AxcnnError
+from axcnn.executor import Executor, LocalExecutor
 from axcnn.model import IOInfo, LayerSpec
 
 log = logging.getLogger(__name__)
@@ -87,8 +88,9 @@ class Explorer:
 
     def __init__(self, model: onnx.ModelProto, io: IOInfo, x: np.ndarray, labels: np.ndarray | None,
                  config: CompressConfig, providers: list[str], calib_idx: np.ndarray | None = None,
-                 progress: Progress | None = None):
+                 progress: Progress | None = None, executor: Executor | None = None):
         self.config = config
+        self.executor = executor or LocalExecutor()  # where candidates are scored (see axcnn.executor)
         self.io = io
         self.runner = score.Runner(providers)
         self.current = score.working_copy(model)
@@ -166,13 +168,10 @@ class Explorer:
             self.progress("candidate", k=k, stopped_early=out.stopped_early)
 
         if cfg.early_stop:
-            outcomes = score.best_first(plan, self.runner, output, arrays, self._y, cfg.metric, done,
-                                        lead=min(len(self._y) - self.reference_correct, len(self._y) // 2))
+            outcomes = self.executor.race(plan, self.runner, output, arrays, self._y, cfg.metric, done,
+                                          lead=min(len(self._y) - self.reference_correct, len(self._y) // 2))
         else:
-            outcomes = {}
-            for k in chosen_ks:
-                outcomes[k] = score.evaluate(plan, self.runner, output, arrays[k], self._y, cfg.metric)
-                done(k, outcomes[k])
+            outcomes = self.executor.score_all(plan, self.runner, output, arrays, self._y, cfg.metric, done)
         results: dict[int, Candidate] = {}
         best: Candidate | None = None
         for k in chosen_ks:
