@@ -83,6 +83,28 @@ def test_a_layers_activations_go_into_the_object_store_once(ray_ex, monkeypatch)
     assert tasks > len(puts)  # many more tasks than objects put
 
 
+def test_full_plans_over_the_same_samples_share_their_objects(ray_ex):
+    """Layer after layer, a full plan's feeds are views of the same input samples: put once for the run."""
+    from axcnn.model import io_info
+
+    plan, runner, cands, labels = _tiny_plan(8)
+    x = np.concatenate([f["x"] for f in plan.feeds])
+    io = io_info(tiny_cnn())
+    first = score.full_plan(plan.model, "w1", x, io, 8)
+    second = score.full_plan(plan.model, "w2", x, io, 8)  # another layer, the same samples
+    puts = ray_ex.puts
+    ray_ex.race(first, runner, "logits", cands, labels, "top1")
+    assert ray_ex.puts == puts + len(first.feeds)
+    w2 = {k: np.asarray(onnx.numpy_helper.to_array(second.weight)) * (1 + 0.01 * k) for k in (2, 3)}
+    got = ray_ex.race(second, runner, "logits", w2, labels, "top1")
+    assert ray_ex.puts == puts + len(first.feeds)  # nothing put again
+    assert got == score.best_first(second, runner, "logits", w2, labels, "top1")
+    del x, first, second, plan
+    third, *_ = _tiny_plan(8)  # other samples: put
+    ray_ex.race(third, runner, "logits", cands, labels, "top1")
+    assert ray_ex.puts == puts + 2 * len(third.feeds)
+
+
 def test_map_yields_every_entry_with_its_index_as_it_lands(ray_ex, monkeypatch):
     table = np.arange(1000.0)  # what the function closes over is shipped once, not once per entry
     puts = []

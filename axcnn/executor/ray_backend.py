@@ -19,6 +19,7 @@ import os
 import socket
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -63,6 +64,13 @@ def probe(address: str, timeout: float = PROBE_TIMEOUT_S) -> None:
     except OSError as exc:
         reason = exc.strerror or str(exc) or type(exc).__name__
         raise AxcnnError(f"cannot reach the Ray cluster at {address}: {reason}") from exc
+
+
+def _owner(a: np.ndarray) -> np.ndarray:
+    """The array that owns the memory ``a`` views."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
 
 
 def _first_line(exc: BaseException) -> str:
@@ -111,6 +119,7 @@ class RayExecutor(Executor):
                 where = f" at {address}" if address else ""
                 raise AxcnnError(f"cannot start or reach Ray{where}: {_first_line(exc)}") from exc
             self._started = True
+        self._started_here = self._started
         self.init_s = time.perf_counter() - t0
         resources = ray.cluster_resources()
         self.cluster = {"CPU": float(resources.get("CPU", 0)), "GPU": float(resources.get("GPU", 0))}
@@ -124,6 +133,8 @@ class RayExecutor(Executor):
         self._score = ray.remote(worker.score_batch).options(**opts)
         self._call = ray.remote(worker.call).options(**opts)
         self.stats = RaceStats()
+        self._staged: dict = {}  # the last race's feeds in the object store, by the memory they view
+        self.puts = 0  # feeds put into the object store
         self.entries = 0
         self.task_s = 0.0
         self.providers: set[str] = set()  # the onnxruntime providers the workers' sessions used
@@ -155,13 +166,34 @@ class RayExecutor(Executor):
         ready, _ = self._ray.wait(list(pending), num_returns=1)
         return ready[0]
 
+    def _stage(self, feeds: list[dict[str, np.ndarray]]) -> list:
+        """Object references of the feeds, each put into the object store once. A feed whose arrays are the very
+        memory of one of the previous race's feeds (a full plan's input batches are views of the same samples,
+        layer after layer), while the arrays owning that memory are alive, keeps its object; the previous race's
+        other objects are released. Only weak references to the arrays are kept, so the driver's memory is freed
+        as before. Feeds are never written to in place (a plan's feeds are replaced, not modified), which is what
+        makes the memory a valid key."""
+        staged = {}
+        refs = []
+        for feed in feeds:
+            key = tuple((name, a.__array_interface__["data"][0], a.shape, a.strides, a.dtype.str)
+                        for name, a in sorted(feed.items()))
+            hit = staged.get(key) or self._staged.get(key)
+            if hit is None or any(owner() is None for owner in hit[0]):
+                hit = ([weakref.ref(_owner(a)) for a in feed.values()], self._ray.put(feed))
+                self.puts += 1
+            staged[key] = hit
+            refs.append(hit[1])
+        self._staged = staged
+        return refs
+
     def _units(self, plan: score.Plan, output: str, candidates: dict[int, np.ndarray], labels: np.ndarray,
                metric: str, capacity: int):
         """(submit, land) over this plan's batches: the plan's feeds, its model and the candidates' weights are put
         into the object store here, once."""
         ray = self._ray
         token = uuid.uuid4().hex
-        feeds = [ray.put(f) for f in plan.feeds]
+        feeds = self._stage(plan.feeds)
         model = ray.put(plan.model.SerializeToString())
         arrays = {k: ray.put(np.ascontiguousarray(a)) for k, a in candidates.items()}
         starts = np.cumsum([0, *plan.sizes])
@@ -235,19 +267,21 @@ class RayExecutor(Executor):
         return {
             "name": self.name,
             "address": self.address or os.environ.get("RAY_ADDRESS") or "local",
-            "started_here": self._started,
+            "started_here": self._started_here,
             "cluster": dict(self.cluster),
             "task_resources": {"CPU": self.cpus_per_task, "GPU": self.gpus_per_task},
             "max_retries": self.max_retries,
             "worker_providers": sorted(self.providers),
             "batches_started": self.stats.started,
             "batches_read": self.stats.read,
+            "feeds_put": self.puts,
             "entries": self.entries,
             "task_s": round(self.task_s, 3),
             "connect_s": round(self.init_s, 3),
         }
 
     def close(self) -> None:
+        self._staged = {}
         if self._started and self._ray.is_initialized():
             self._ray.shutdown()
         self._started = False
