@@ -343,7 +343,7 @@ def main() -> None:
           f"{max(layers[0]['sizes'])} on one thread {1000 * one_cpu / units:.1f} ms on average; a session "
           f"{1000 * np.mean([b for la in layers for b in la['builds'].values()]):.1f} ms; the local races read "
           f"{read} of {units} candidate batches; no-op Ray task round trip {1000 * overhead:.1f} ms")
-    print(f"  driver (reference pass, clustering, cached activations, final check): {run['driver_s']:.1f} s; "
+    print(f"  driver (reference pass, clustering, cached activations): {run['driver_s']:.1f} s; "
           f"local races {run['races_s']:.1f} s")
     here = {}
     for n in WORKERS:

@@ -31,7 +31,7 @@ def ray_ex():
     # this module's functions (fault hooks, map functions) go to the workers by value: tests/ is not on their path
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     ex = RayExecutor(num_cpus=2, num_gpus=1)
-    assert ex.describe()["started_here"] and ex.slots() == 2
+    assert ex.describe()["connected_by_run"] and ex.slots() == 2
     yield ex
     ex.close()
     ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
@@ -219,6 +219,6 @@ def test_compress_on_ray_makes_the_local_choices_and_the_report_says_ray(ray_ex,
     assert remote["final_score"] == local["final_score"]
     assert local["tool"]["executor"] == {"name": "local"} and local["settings"]["executor"] == "local"
     ex = remote["tool"]["executor"]
-    assert remote["settings"]["executor"] == "ray" and ex["name"] == "ray" and not ex["started_here"]
+    assert remote["settings"]["executor"] == "ray" and ex["name"] == "ray" and not ex["connected_by_run"]
     assert ex["batches_read"] > 0 and ex["worker_providers"] == ["CPUExecutionProvider"]
     assert ray.is_initialized()  # a connection the run did not open is left open

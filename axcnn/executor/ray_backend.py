@@ -117,7 +117,9 @@ class RayExecutor(Executor):
                 ray.init(address=address, **kwargs)
             except Exception as exc:
                 where = f" at {address}" if address else ""
-                raise AxcnnError(f"cannot start or reach Ray{where}: {_first_line(exc)}") from exc
+                hint = "" if address in _NO_PROBE else (
+                    " (a cluster with token authentication also needs RAY_AUTH_MODE=token and its token here)")
+                raise AxcnnError(f"cannot start or reach Ray{where}: {_first_line(exc)}{hint}") from exc
             self._started = True
         self._started_here = self._started
         self.init_s = time.perf_counter() - t0
@@ -267,7 +269,7 @@ class RayExecutor(Executor):
         return {
             "name": self.name,
             "address": self.address or os.environ.get("RAY_ADDRESS") or "local",
-            "started_here": self._started_here,
+            "connected_by_run": self._started_here,  # it opened (and closed) its own Ray connection
             "cluster": dict(self.cluster),
             "task_resources": {"CPU": self.cpus_per_task, "GPU": self.gpus_per_task},
             "max_retries": self.max_retries,
