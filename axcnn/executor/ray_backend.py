@@ -83,7 +83,8 @@ class RayExecutor(Executor):
     starts a local Ray as ``ray.init()`` does (or joins the cluster ``RAY_ADDRESS`` names). A process already
     connected to Ray keeps its connection, and :meth:`close` leaves it open.
 
-    ``num_cpus``, ``num_gpus``: CPUs and GPUs of a local Ray started here (default: what the machine has).
+    ``num_cpus``, ``num_gpus``: CPUs and GPUs of a new local Ray started here (given with no address, they
+    start one even where ``ray.init()`` would join a running cluster).
     ``before_task``: called on the worker at
     the start of every task (tests inject faults with it)."""
 
@@ -111,10 +112,13 @@ class RayExecutor(Executor):
             log.info("Ray: using this process's connection")
         else:
             kwargs: dict = {"log_to_driver": False, "logging_level": logging.ERROR}
-            if address == "local" or (address is None and not os.environ.get("RAY_ADDRESS")):
+            target = address
+            if address is None and (num_cpus is not None or num_gpus is not None):
+                target = "local"  # sizes are for a new local Ray, not for the cluster ray.init() might join
+            if target == "local":
                 kwargs.update(include_dashboard=False, num_cpus=num_cpus, num_gpus=num_gpus)
             try:
-                ray.init(address=address, **kwargs)
+                ray.init(address=target, **kwargs)
             except Exception as exc:
                 where = f" at {address}" if address else ""
                 hint = "" if address in _NO_PROBE else (
