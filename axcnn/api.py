@@ -19,6 +19,7 @@ from axcnn.data import Preprocess, load_npz, prepare, stratified_subset
 from axcnn.errors import AxcnnError, BudgetNotMet
 from axcnn.executor import make_executor
 from axcnn.explore import Explorer, Progress
+from axcnn.journal import Journal, fingerprint
 from axcnn.model import inventory, io_info, load_model, uses_external_data
 from axcnn.search.budget import run_budget
 from axcnn.search.greedy import greedy
@@ -33,9 +34,19 @@ class Result:
     report: dict = field(repr=False)
 
 
+#: settings the results do not depend on: a run stopped on one executor resumes on another
+_NOT_IN_FINGERPRINT = ("data", "executor", "ray_address")
+
+
 def default_output(model_path: str | os.PathLike) -> Path:
     """``model.onnx`` -> ``model.shared.onnx`` in the current directory (the input's folder may be read-only)."""
     return Path(Path(model_path).stem + ".shared.onnx")
+
+
+def default_run_dir(output_path: str | os.PathLike) -> Path:
+    """Where a run keeps its journal unless told: beside the output, ``out/m.shared.onnx`` -> ``out/m.shared.run``."""
+    p = Path(output_path)
+    return p.with_name(p.name.removesuffix(".onnx") + ".run")
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -56,27 +67,36 @@ def model_files(path: Path, model: onnx.ModelProto) -> list[Path]:
     return files
 
 
-def check_output_path(model_path: Path, target: Path, what: str) -> None:
-    """Refuse an output path that is the input model (or its external data), a folder, or in a missing folder."""
+def check_output_path(model_path: Path, target: Path, what: str, data_path: Path | None = None) -> None:
+    """Refuse an output path that is the input model (or its external data) or data, a folder, or in a missing
+    folder."""
     inputs = [model_path]
     if model_path.is_file():
         try:
             inputs = model_files(model_path, onnx.load(str(model_path), load_external_data=False))
         except Exception:  # an unreadable model is reported by load_model later
             pass
+    if data_path is not None and (_same_file(target, data_path) or target.resolve() == Path(data_path).resolve()):
+        raise AxcnnError(f"the {what} path {target} is the input data; choose another path")
+    # a model output may bring its external data file, OUTPUT.data: it must not replace the input's either
+    companion = target.with_name(target.name + ".data") if what == "output" else None
     for src in inputs:
         if _same_file(target, src) or target.resolve() == src.resolve():
             raise AxcnnError(f"the {what} path {target} is the input model; choose another path")
+        if companion is not None and (_same_file(companion, src) or companion.resolve() == src.resolve()):
+            raise AxcnnError(f"the {what} path {target} would write its external data over the input's {src}; "
+                             "choose another path")
     if target.exists() and target.is_dir():
         raise AxcnnError(f"the {what} path {target} is a directory")
     if not target.resolve().parent.is_dir():
         raise AxcnnError(f"the folder of the {what} path {target} does not exist")
 
 
-def _check_paths(model_path: Path, output: Path, report_path: Path | None) -> None:
-    check_output_path(model_path, output, "output")
+def _check_paths(model_path: Path, output: Path, report_path: Path | None, data_path=None) -> None:
+    data = Path(data_path) if data_path is not None else None
+    check_output_path(model_path, output, "output", data)
     if report_path is not None:
-        check_output_path(model_path, report_path, "report")
+        check_output_path(model_path, report_path, "report", data)
     if report_path is not None and output.resolve() == report_path.resolve():
         raise AxcnnError("the output model and the report must be different files")
 
@@ -124,11 +144,18 @@ def compress(
     preprocess: Preprocess | None = None,
     output_name: str | None = None,
     progress: Progress | None = None,
+    run_dir: str | os.PathLike | None = None,
+    resume: bool = False,
 ) -> Result:
     """Weight-share ``model_path`` using the labelled test set ``data_path`` and write the shared model.
 
     Returns the report (also written as JSON to ``report_path`` when given). Raises AxcnnError for user errors;
-    nothing is written then.
+    the output and the report are then not written.
+
+    Every scored candidate and every fixed layer is journaled in ``run_dir`` (default: :func:`default_run_dir`)
+    as it happens. ``resume=True`` continues the journal left there by a run that was stopped: nothing scored
+    then is scored again, and the output is the same, byte for byte, as that of a run never stopped. See
+    :mod:`axcnn.journal`.
     """
     t_start = time.perf_counter()
     config = config or CompressConfig()
@@ -136,7 +163,7 @@ def compress(
     model_path = Path(model_path)
     output = Path(output_path) if output_path is not None else default_output(model_path)
     report_file = Path(report_path) if report_path is not None else None
-    _check_paths(model_path, output, report_file)
+    _check_paths(model_path, output, report_file, data_path)
 
     model = load_model(model_path)
     if config.fold_bn:
@@ -149,12 +176,32 @@ def compress(
                          f"{config.min_weights} values to share")
     data = load_data(data_path, preprocess, io, config)
     selection, verification = split(data, config)
+    settings = report.settings_dict(config, preprocess, data_path, len(data), io)
+    skeleton = onnx.load(str(model_path), load_external_data=False)  # tensors still point at their files
+    # the journal's fingerprint: what the results depend on (the data by content, not by path)
+    run_fp = fingerprint(model_files=model_files(model_path, skeleton),
+                         arrays=(data.x, None if config.metric == "agreement" else data.y),
+                         settings={k: v for k, v in settings.items() if k not in _NOT_IN_FINGERPRINT},
+                         version=__version__)
+    try:
+        with Journal.open(run_dir if run_dir is not None else default_run_dir(output), run_fp, resume) as journal:
+            result = _run(model_path, model, skeleton, io, layers, skipped, selection, verification, output,
+                          report_file, config, settings, progress, journal, t_start)
+            journal.finish()
+    except OSError as exc:  # a full disk, no permission: the environment, not a bug (the journal is kept)
+        where = f"cannot write {exc.filename}: " if exc.filename else ""
+        raise AxcnnError(f"{where}{exc.strerror or exc}") from None
+    return result
 
+
+def _run(model_path, model, skeleton, io, layers, skipped, selection, verification, output, report_file, config,
+         settings, progress, journal, t_start) -> Result:
     providers = score.select_providers(config.device)
     labels = None if config.metric == "agreement" else selection.y
     executor = make_executor(config)  # where the search's scoring tasks run; closed once the search is done
     try:
-        explorer = Explorer(model, io, selection.x, labels, config, providers, progress=progress, executor=executor)
+        explorer = Explorer(model, io, selection.x, labels, config, providers, progress=progress, journal=journal,
+                            executor=executor)
         ver_labels = None
         if verification is not None:
             ver_labels = verification.y if config.metric != "agreement" else _agreement_labels(
@@ -181,14 +228,15 @@ def compress(
         rewrite.SharedWeight(d.spec.name, d.clustering.centroids.astype(d.spec.dtype), d.clustering.indices)
         for d in exploration.decisions
     ]
-    settings = report.settings_dict(config, preprocess, data_path, len(data), io)
     metadata = {"axcnn.version": __version__, "axcnn.settings": json.dumps(settings, sort_keys=True)}
     out_model, stored = rewrite.share_weights(base, shared, metadata)
     rewrite.verify(out_model, shared)
-    skeleton = onnx.load(str(model_path), load_external_data=False)  # tensors still point at their files
     external = uses_external_data(skeleton) or out_model.ByteSize() > (2 << 30) - (1 << 20)
     t_final = time.perf_counter()
-    file_bytes_after = rewrite.write_model(out_model, output, external_data=external)
+    try:
+        file_bytes_after = rewrite.write_model(out_model, output, external_data=external)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(output)) from exc
     written = load_model(output)
     try:
         rewrite.verify(written, shared)  # the file on disk, not just the model in memory, decodes exactly
@@ -219,8 +267,14 @@ def compress(
         skipped=skipped, stored=stored, final_correct=final_correct, out_model=out_model, original=model,
         file_bytes_before=file_bytes_before, file_bytes_after=file_bytes_after,
         final_check_s=final_s, total_s=time.perf_counter() - t_start, providers=providers,
-        section=section, evaluation=evaluation, executor=executor.describe(),
+        section=section, evaluation=evaluation, candidates_resumed=explorer.candidates_resumed,
+        executor=executor.describe(),
     )
     if report_file is not None:
-        report.write_json(rep, report_file)
+        try:
+            report.write_json(rep, report_file)
+        except (OSError, AxcnnError):  # no model without its report: remove the one just written
+            for f in model_files(output, onnx.load(str(output), load_external_data=False)):
+                f.unlink(missing_ok=True)
+            raise
     return Result(output, report_file, rep)

@@ -24,6 +24,7 @@ Examples:
       --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --limit 1000 -o resnet20.shared.onnx
   axcnn compress model.onnx --data test.npz --filter 1          # Algorithm 1: score every K
   axcnn compress model.onnx --data test.npz --estimator kl      # rank candidates by output KL
+  axcnn compress model.onnx --data test.npz --resume            # continue a run that was stopped
 """
 
 
@@ -138,6 +139,39 @@ def _split(values: dict, cls) -> dict:
     return {k: v for k, v in values.items() if k in names and v is not None}
 
 
+def _option_args(values: dict) -> list[str]:
+    """The command-line flags that set ``values`` (option field -> value; None: not set)."""
+    from axcnn.options import cli_flag, option_fields
+
+    args: list[str] = []
+    for cls in _config_classes():
+        for fld, o in option_fields(cls):
+            value = values.get(fld.name)
+            if value is None or not o.cli:
+                continue
+            if o.kind == "bool":
+                args += [cli_flag(fld, o)] if value else []
+            elif o.kind == "floats":
+                args += [cli_flag(fld, o), ",".join(str(v) for v in value)]
+            else:
+                args += [cli_flag(fld, o), str(value)]
+    return args
+
+
+def _interrupted(run_dir, command: list[str]) -> None:
+    """Ctrl-C: say where the work done so far is kept and the exact command that continues it; exit 130."""
+    import shlex
+
+    from axcnn.journal import FILE_NAME
+
+    if (run_dir / FILE_NAME).is_file():
+        click.echo(f"interrupted; the work done so far is kept in {run_dir}. Resume with:", err=True)
+    else:
+        click.echo("interrupted before any work was recorded; nothing was written. Start again with:", err=True)
+    click.echo("  " + shlex.join(command), err=True)
+    sys.exit(130)
+
+
 def _config_classes():
     from axcnn.config import CompressConfig
     from axcnn.data import Preprocess
@@ -157,9 +191,14 @@ def _config_classes():
 @click.option("--plain-scoring", is_flag=True, default=None,
               help="Score every chosen candidate on the full network over every sample (slow; the same result).")
 @click.option("--output-name", help="Model output to score [default: the first].")
+@click.option("--run-dir", type=click.Path(file_okay=False), help="Folder of the run's journal: every scored "
+              "candidate and fixed layer, for --resume [default: OUTPUT-STEM.run beside the output].")
+@click.option("--resume", is_flag=True, help="Continue the run stopped in --run-dir: what it scored is not scored "
+              "again, and the output is the same. Without a journal there, start a new run.")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary; errors only.")
-def compress(model, data, output, report_path, plain_scoring, output_name, verbose, quiet, **options):
+def compress(model, data, output, report_path, plain_scoring, output_name, run_dir, resume, verbose, quiet,
+             **options):
     """Weight-share MODEL, scoring candidates on the labelled test set --data."""
     _setup_logging(verbose, quiet)
     from pathlib import Path
@@ -168,25 +207,31 @@ def compress(model, data, output, report_path, plain_scoring, output_name, verbo
         options.update(fast_scoring=False, early_stop=False)
     config_cls, pre_cls = _config_classes()
     progress = _Progress(enabled=not quiet)
+    from axcnn.api import default_output, default_run_dir
+
+    out = Path(output) if output else default_output(model)
+    rep_path = Path(report_path) if report_path else out.with_name(out.name.removesuffix(".onnx") + ".report.json")
+    run_dir = Path(run_dir) if run_dir else default_run_dir(out)
     try:
         from axcnn.api import compress as run
-        from axcnn.api import default_output
 
         config = config_cls(**_split(options, config_cls))
         preprocess = pre_cls(**_split(options, pre_cls))
-        out = Path(output) if output else default_output(model)
-        rep_path = Path(report_path) if report_path else out.with_name(out.name.removesuffix(".onnx") + ".report.json")
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         with logging_redirect_tqdm(loggers=[log]):  # log lines go above the bars, not through them
-            result = run(model, data, out, rep_path, config, preprocess, output_name, progress)
+            result = run(model, data, out, rep_path, config, preprocess, output_name, progress, run_dir=run_dir,
+                         resume=resume)
     except (AxcnnError, ValueError) as exc:
         progress.close()
         _fail(str(exc))
     except KeyboardInterrupt:
         progress.close()
-        click.echo("interrupted; nothing was written", err=True)
-        sys.exit(130)
+        again = ["axcnn", "compress", model, "--data", data, "-o", str(out), "--report", str(rep_path),
+                 *_option_args(options), *(["--plain-scoring"] if plain_scoring else []),
+                 *(["--output-name", output_name] if output_name else []), "--run-dir", str(run_dir), "--resume",
+                 *(["-q"] if quiet else [])]
+        _interrupted(run_dir, again)
     except Exception as exc:  # a bug, not a user error: one line, the traceback only with -vv
         progress.close()
         log.debug("internal error", exc_info=True)
@@ -198,6 +243,117 @@ def compress(model, data, output, report_path, plain_scoring, output_name, verbo
 
         click.echo(render_table(result.report))
         click.echo(f"wrote {result.output_path} and {result.report_path}")
+
+
+BATCH_EXAMPLES = """
+\b
+Example batch.toml (keys are the compress options, plus path, data, output, report, output_name, run_dir and the
+gates min_cr and max_loss; relative paths are relative to the file's folder):
+  [defaults]
+  kmin = 8
+  kmax = 32
+  limit = 1000
+  [[model]]
+  path = "models/a.onnx"
+  data = "data/a.npz"
+  scale = 255.0
+  min_cr = 4.0
+  output = "out/a.onnx"
+
+\b
+  axcnn batch batch.toml --summary out/summary.json --junit out/junit.xml
+"""
+
+STATUS_WORDS = {"passed": "PASS", "failed": "FAIL", "error": "ERROR", "skipped": "SKIP"}
+
+
+def _status_line(o, total: int) -> str:
+    head = f"[{o.job.index}/{total}] {STATUS_WORDS[o.status]:<5} {o.job.name}"
+    rep = o.report
+    if rep is not None:
+        from axcnn.batch import measured_loss
+
+        t = rep["timing"]
+        resumed = f", {t['candidates_resumed']} resumed" if t.get("candidates_resumed") else ""
+        head += (f"  CR {rep['compression_ratio']:.2f}x  loss {measured_loss(rep):.2f} pp  "
+                 f"({t['candidates_scored']} candidates scored{resumed}, {o.time_s:.1f} s)")
+    return head + (f"\n      {o.message}" if o.message else "")
+
+
+@main.command("batch", epilog=BATCH_EXAMPLES)
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--summary", "summary_path", type=click.Path(dir_okay=False), help="Write a JSON summary here.")
+@click.option("--junit", "junit_path", type=click.Path(dir_okay=False),
+              help="Write JUnit XML here: one testcase per model, a broken gate a failure, a crash an error.")
+@click.option("--fail-fast", is_flag=True, help="Stop at the first model that fails or errs; skip the rest.")
+@click.option("--resume", is_flag=True, help="Continue each model's stopped run from the journal in its run_dir; "
+              "models already done are taken from their journal without scoring.")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars; only each model's status.")
+def batch_cmd(config, summary_path, junit_path, fail_fast, resume, verbose, quiet):
+    """Compress every model of the TOML file CONFIG and check its gates (exit 1 if any model fails)."""
+    _setup_logging(verbose, quiet)
+    from pathlib import Path
+
+    from axcnn import batch
+
+    summary_file = Path(summary_path) if summary_path else None
+    junit_file = Path(junit_path) if junit_path else None
+    try:
+        plan = batch.load_plan(config)
+        for path, what in ((summary_file, "summary"), (junit_file, "JUnit")):
+            if path is not None:
+                batch.check_result_path(path, what, plan)
+    except AxcnnError as exc:
+        _fail(str(exc))
+    outcomes = []
+    bars: list[_Progress] = []
+
+    def progress(job):
+        bars.append(_Progress(enabled=not quiet))
+        return bars[-1]
+
+    def on_done(outcome):
+        if bars:
+            bars.pop().close()
+        outcomes.append(outcome)
+        click.echo(_status_line(outcome, len(plan.jobs)))
+
+    def write_results():
+        try:
+            batch.write_results(plan, outcomes, summary_file, junit_file)
+        except OSError as exc:  # making a folder
+            _fail(f"cannot write {exc.filename or 'the results'}: {exc.strerror or exc}")
+        except AxcnnError as exc:
+            _fail(str(exc))
+
+    try:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm(loggers=[log]):
+            batch.run_plan(plan, resume=resume, fail_fast=fail_fast, progress=progress, on_done=on_done)
+    except KeyboardInterrupt:
+        for bar in bars:
+            bar.close()
+        write_results()
+        import shlex
+
+        again = ["axcnn", "batch", config, "--resume",
+                 *(["--summary", summary_path] if summary_path else []),
+                 *(["--junit", junit_path] if junit_path else []), *(["--fail-fast"] if fail_fast else []),
+                 *(["-q"] if quiet else [])]
+        click.echo(f"interrupted after {len(outcomes)} of {len(plan.jobs)} models; each model's journal keeps its "
+                   "work. Resume with:", err=True)
+        click.echo("  " + shlex.join(again), err=True)
+        sys.exit(130)
+    write_results()
+    c = batch.counts(outcomes)
+    click.echo(f"{len(plan.jobs)} models: {c['passed']} passed, {c['failed']} failed, {c['error']} errors"
+               + (f", {c['skipped']} skipped" if c["skipped"] else ""))
+    written = [str(p) for p in (summary_file, junit_file) if p is not None]
+    if written:
+        click.echo("wrote " + " and ".join(written))
+    sys.exit(0 if c["passed"] == len(plan.jobs) else 1)
 
 
 @main.command("inspect")

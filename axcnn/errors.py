@@ -15,4 +15,5 @@ class MissingBackendError(AxcnnError):
 
 
 class BudgetNotMet(AxcnnError):
-    """Budget mode found no network within the budget (on the selection or the verification samples)."""
+    """Budget mode found no network within the budget (on the selection or the verification samples).
+    ``axcnn batch`` counts it as a broken gate (a failure), not an error."""

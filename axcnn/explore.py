@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -23,6 +24,9 @@ from axcnn.config import CompressConfig
 from axcnn.errors import AxcnnError
 from axcnn.executor import Executor, LocalExecutor
 from axcnn.model import IOInfo, LayerSpec
+
+if TYPE_CHECKING:
+    from axcnn.journal import Journal
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +92,11 @@ class Explorer:
 
     def __init__(self, model: onnx.ModelProto, io: IOInfo, x: np.ndarray, labels: np.ndarray | None,
                  config: CompressConfig, providers: list[str], calib_idx: np.ndarray | None = None,
-                 progress: Progress | None = None, executor: Executor | None = None):
+                 progress: Progress | None = None, journal: Journal | None = None,
+                 executor: Executor | None = None):
         self.config = config
+        self.journal = journal  # scored candidates and fixed layers are recorded there, and taken from it on resume
+        self.candidates_resumed = 0  # scored candidates taken from the journal instead of being scored
         self.executor = executor or LocalExecutor()  # where candidates are scored (see axcnn.executor)
         self.io = io
         self.runner = score.Runner(providers)
@@ -138,6 +145,8 @@ class Explorer:
     # -- one layer -------------------------------------------------------------------------------------------
     def explore_layer(self, spec: LayerSpec, index: int, total: int) -> LayerDecision | str:
         cfg = self.config
+        if self.journal is not None and (done := self.journal.decision(spec)) is not None:
+            return self._replay(done, index, total)
         t0 = time.perf_counter()
         table = cluster_range(spec.array, cfg.kmin, cfg.kmax, backend=cfg.kmeans, seed=cfg.seed, device=cfg.device)
         ks = [k for k in table.ks if compression_ratio(spec.weights, k, spec.bits) > 1.0]
@@ -152,7 +161,11 @@ class Explorer:
         plan_s = time.perf_counter() - t1
         t1 = time.perf_counter()
         if cfg.estimator == "kl" and len(ks) > 1:
-            estimates = self._kl_estimates(spec, table, ks, plan)
+            estimates = self.journal.estimates(spec.name) if self.journal is not None else None
+            if estimates is None:
+                estimates = self._kl_estimates(spec, table, ks, plan)
+                if self.journal is not None:
+                    self.journal.put_estimates(spec.name, estimates)
         else:
             estimates = {k: table.inertia(k) for k in ks}
         estimate_s = time.perf_counter() - t1
@@ -161,17 +174,25 @@ class Explorer:
         self.progress("layer", index=index, total=total, name=spec.name, candidates=len(chosen_ks))
 
         t2 = time.perf_counter()
-        arrays = {k: self._dense(spec, table.get(k)) for k in chosen_ks}
+        known = {k: o for k in chosen_ks
+                 if self.journal is not None and (o := self.journal.outcome(spec.name, k)) is not None}
+        self.candidates_resumed += len(known)
+        arrays = {k: self._dense(spec, table.get(k)) for k in chosen_ks if k not in known}
         output = self.io.output_name
 
         def done(k: int, out: score.Outcome) -> None:
+            if self.journal is not None:
+                self.journal.put_outcome(spec.name, k, out)
             self.progress("candidate", k=k, stopped_early=out.stopped_early)
 
+        for k, out in known.items():
+            self.progress("candidate", k=k, stopped_early=out.stopped_early)
         if cfg.early_stop:
             outcomes = self.executor.race(plan, self.runner, output, arrays, self._y, cfg.metric, done,
                                           lead=min(len(self._y) - self.reference_correct, len(self._y) // 2))
         else:
             outcomes = self.executor.score_all(plan, self.runner, output, arrays, self._y, cfg.metric, done)
+        outcomes.update(known)  # the race ran without them; the winner is the best over both (score.wins)
         results: dict[int, Candidate] = {}
         best: Candidate | None = None
         for k in chosen_ks:
@@ -197,10 +218,21 @@ class Explorer:
         decision = LayerDecision(spec, table.n_unique, table.clamped, candidates, best, table.get(best.k),
                                  plan.kind, clustering_s, scoring_s, estimate_s)
         self._fix(spec.name, decision.dense())
+        if self.journal is not None:
+            self.journal.put_decision(decision)
         if cfg.fast_scoring:
             self._previous = plan
         log.info("%s: K=%d, %d/%d correct (%s scoring, %d candidates scored)", spec.name, best.k, best.correct,
                  len(self.labels), plan.kind, len(chosen_ks))
+        return decision
+
+    def _replay(self, decision: LayerDecision, index: int, total: int) -> LayerDecision:
+        """Fix a layer as the journal recorded it, without clustering or scoring (a resumed run)."""
+        self.progress("layer", index=index, total=total, name=decision.spec.name, candidates=0)
+        self._fix(decision.spec.name, decision.dense())
+        self._previous = None  # no activations were computed here; the next layer's plan starts from the input
+        self.candidates_resumed += sum(c.scored for c in decision.candidates)
+        log.info("%s: K=%d, taken from the journal", decision.spec.name, decision.chosen.k)
         return decision
 
     def _kl_estimates(self, spec: LayerSpec, table, ks: list[int], plan: score.Plan) -> dict[int, float]:

@@ -145,6 +145,10 @@ def inventory(model: onnx.ModelProto, min_weights: int = 64) -> tuple[list[Layer
             continue
         for pos in BIAS_INPUTS.get(node.op_type, ()):
             if pos < len(node.input) and node.input[pos] in consts:
+                bias, _ = consts[node.input[pos]]
+                if bias.data_type in FLOAT_TYPES and not np.all(np.isfinite(numpy_helper.to_array(bias))):
+                    raise AxcnnError(f"bias {node.input[pos]} of {node.op_type} node {node.name or '?'} contains "
+                                     "NaN or infinity")
                 skip(node.input[pos], node.op_type, "bias")
         sources = {p: source_of(node.input[p]) for p in WEIGHT_OPS[node.op_type] if p < len(node.input)}
         const_pos = [p for p, src in sources.items() if src is not None]
@@ -211,6 +215,8 @@ def io_info(model: onnx.ModelProto, output: str | None = None) -> IOInfo:
     )
     dtype = onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type)
     outputs = [o.name for o in model.graph.output]
+    if not outputs:
+        raise AxcnnError("the model has no graph output to score")
     if output is None:
         output = outputs[0]
     elif output not in outputs:

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 
 import onnx
 
-from axcnn import __version__
+from axcnn import __version__, atomic
 from axcnn.cluster import eq1_bits, index_bits
 from axcnn.model import Skipped, constant_tensors
 from axcnn.render.table import text_table as _table  # noqa: F401  (axcnn.inspect imports it from here)
@@ -39,7 +37,11 @@ def _tensor_bytes(t: onnx.TensorProto) -> int:
 
 def build(*, model_path, output_path, settings, exploration, skipped: Sequence[Skipped], stored, final_correct,
           out_model, original, file_bytes_before, file_bytes_after, final_check_s, total_s, providers,
-          section: dict | None = None, evaluation: dict | None = None, executor: dict | None = None) -> dict:
+          section: dict | None = None, evaluation: dict | None = None, candidates_resumed: int = 0,
+          executor: dict | None = None) -> dict:
+    """The report of one run. ``candidates_resumed``: scored candidates taken from the journal of an earlier,
+    stopped invocation (timing.candidates_scored counts only those this invocation scored). ``executor``: where
+    the search's scoring tasks ran (``Executor.describe()``)."""
     section = dict(section or {"mode": "greedy"})
     n = exploration.samples
     stored_by_name = {s.name: s for s in stored}
@@ -130,7 +132,9 @@ def build(*, model_path, output_path, settings, exploration, skipped: Sequence[S
             "clustering_s": sum(d.clustering_s for d in exploration.decisions),
             "estimate_s": estimate_s,
             "scoring_s": scoring_s,
-            "candidates_scored": sum(c.scored for d in exploration.decisions for c in d.candidates),
+            "candidates_scored": sum(c.scored for d in exploration.decisions for c in d.candidates)
+            - candidates_resumed,
+            "candidates_resumed": candidates_resumed,
             "candidates_stopped_early": sum(c.stopped_early for d in exploration.decisions for c in d.candidates),
             "t_pass_s": exploration.t_pass_s,
             "cost_t_pass": (scoring_s + estimate_s) / exploration.t_pass_s if exploration.t_pass_s else None,
@@ -151,19 +155,9 @@ def _pp(exploration, correct: int | None) -> float | None:
 
 
 def write_json(report: dict, path: str | os.PathLike) -> None:
-    """Write atomically: a temporary file in the same folder, then a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.resolve().parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; a report is for sharing
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write atomically: a temporary file in the same folder, fsync, rename (see :mod:`axcnn.atomic`). Raises
+    AxcnnError (one line) when the file cannot be written."""
+    atomic.write_text(path, json.dumps(report, indent=2) + "\n")
 
 
 def load_json(path: str | os.PathLike) -> dict:

@@ -65,7 +65,8 @@ class Runner:
         ort = _ort()
         self._options = ort.SessionOptions()
         self._options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self._options.log_severity_level = 3
+        # fatal only: an error is reported once, as axcnn's one-line message, not also by onnxruntime's own logger
+        self._options.log_severity_level = 4
         # candidates' sessions take turns batch by batch: idle threads spinning for work would steal the cores
         self._options.add_session_config_entry("session.intra_op.allow_spinning", "0")
 

@@ -153,6 +153,56 @@ def test_report_on_a_non_report_fails_cleanly(tmp_path):
     assert r.exit_code == 1 and r.output.startswith("error: ")
 
 
+def test_ctrl_c_keeps_the_journal_and_prints_the_command_that_resumes(tiny_files, tmp_path, monkeypatch):
+    import shlex
+
+    from axcnn import cli
+
+    mp, dp = tiny_files
+    whole = tmp_path / "whole.onnx"
+    assert _run(["compress", str(mp), "--data", str(dp), "-o", str(whole), *FAST]).exit_code == 0
+    out, run_dir = tmp_path / "o.onnx", tmp_path / "my run"
+    seen = {"n": 0}
+
+    def ctrl_c(self, event, **info):
+        if event == "candidate":
+            seen["n"] += 1
+            if seen["n"] == 4:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli._Progress, "__call__", ctrl_c)
+    r = _run(["compress", str(mp), "--data", str(dp), "-o", str(out), "--run-dir", str(run_dir), *FAST[:-1]])
+    assert r.exit_code == 130 and "Traceback" not in r.output
+    assert f"the work done so far is kept in {run_dir}" in r.stderr and not out.exists()
+    command = shlex.split(r.stderr.strip().splitlines()[-1])
+    assert command[:3] == ["axcnn", "compress", str(mp)] and command[-1] == "--resume"
+    assert command[command.index("--run-dir") + 1] == str(run_dir) and "--kmax" in command
+    r = _run([*command[1:], "-q"])
+    assert r.exit_code == 0, r.output
+    assert out.read_bytes() == whole.read_bytes()
+    rep = json.loads((tmp_path / "o.report.json").read_text())
+    assert rep["timing"]["candidates_resumed"] == 4
+
+
+def test_unfinished_run_is_not_overwritten_without_resume(tiny_files, tmp_path, monkeypatch):
+    from axcnn import cli
+
+    mp, dp = tiny_files
+    out = tmp_path / "o.onnx"
+
+    def ctrl_c(self, event, **info):
+        if event == "candidate":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli._Progress, "__call__", ctrl_c)
+    assert _run(["compress", str(mp), "--data", str(dp), "-o", str(out), *FAST[:-1]]).exit_code == 130
+    monkeypatch.undo()
+    r = _run(["compress", str(mp), "--data", str(dp), "-o", str(out), *FAST])
+    assert r.exit_code == 1 and "unfinished run" in r.stderr and "--resume" in r.stderr
+    r = _run(["compress", str(mp), "--data", str(dp), "-o", str(out), *FAST, "--kmax", "7", "--resume"])
+    assert r.exit_code == 1 and "other settings (kmax 8 -> 7)" in r.stderr and r.stderr.count("\n") == 1
+
+
 @pytest.fixture
 def report_file(tmp_path):
     """A real first-round report (tiny model) written as compress writes it."""
