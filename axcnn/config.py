@@ -76,8 +76,8 @@ class CompressConfig:
     executor: str = opt("local", "Where candidates are scored: in this process, or as tasks on a Ray cluster "
                         "(pip install 'axcnn[ray]'); the choices are the same either way.", "choice",
                         choices=EXECUTORS)
-    ray_address: str | None = opt(None, "With --executor ray: the cluster to use (HOST:PORT, ray://HOST:PORT or "
-                                  "auto). Default: start a local Ray, as ray.init() does.", "str",
+    ray_address: str | None = opt(None, "The Ray cluster to score on (HOST:PORT, ray://HOST:PORT or auto); implies "
+                                  "--executor ray. Default: start a local Ray, as ray.init() does.", "str",
                                   metavar="ADDRESS")
     # -- budget modes -------------------------------------------------------------------------------------------
     max_loss: float | None = opt(None, "Budget mode: the smallest model (largest Eq. 1 ratio) whose top-1 loss on "
@@ -107,8 +107,8 @@ class CompressConfig:
         validate(self)
         if self.kmin > self.kmax:
             raise ValueError(f"kmin={self.kmin!r} is invalid: allowed at most kmax ({self.kmax})")
-        if self.ray_address is not None and self.executor != "ray":
-            raise ValueError(f"ray_address={self.ray_address!r} is invalid: allowed None unless executor is 'ray'")
+        if self.ray_address is not None:  # an address is only for Ray: giving one asks for it
+            object.__setattr__(self, "executor", "ray")
         if self.max_loss is not None and self.target_cr is not None:
             raise ValueError(f"target_cr={self.target_cr!r} is invalid: allowed None when max_loss is set "
                              "(give one budget)")

@@ -184,12 +184,14 @@ def test_make_executor_local_by_default():
     assert isinstance(make_executor(CompressConfig()), LocalExecutor)
 
 
-def test_ray_address_needs_the_ray_executor():
-    with pytest.raises(ValueError, match="ray_address='127.0.0.1:6379' is invalid"):
-        CompressConfig(ray_address="127.0.0.1:6379")
+def test_a_ray_address_asks_for_the_ray_executor():
+    assert CompressConfig(ray_address="127.0.0.1:6379").executor == "ray"
+    assert CompressConfig(executor="ray", ray_address="auto").ray_address == "auto"
+    assert CompressConfig(executor="ray").ray_address is None
     with pytest.raises(ValueError, match="executor='dask' is invalid"):
         CompressConfig(executor="dask")
-    assert CompressConfig(executor="ray", ray_address="auto").ray_address == "auto"
+    with pytest.raises(ValueError, match="ray_address=6379 is invalid"):
+        CompressConfig(ray_address=6379)
 
 
 def test_missing_ray_names_the_extra(monkeypatch):
