@@ -55,8 +55,10 @@ MEASURED_WIDTHS = (3, 5)
 #: budget
 START_PROXY = 0.05
 BRACKET_STEP = 4.0
-#: at most this many networks assembled and measured to find the budget's point on the front
+#: at most this many networks assembled and measured to find the budget's point on the front ...
 MAX_EVALS = 8
+#: ... and none once the bracket is narrower than this fraction of the size (neighbours differ by noise there)
+RESOLVE = 0.015
 #: calibration samples whose activations the sequential repair uses (the first of the calibration draw)
 REPAIR_SAMPLES = 256
 #: at most this many extra looks at the held-out samples when the verification says "over budget"
@@ -402,7 +404,14 @@ def run_budget(explorer: Explorer, layers: list[LayerSpec], config: CompressConf
         ver = _verify(search, chosen[1], verification)
         while ver is not None and ver["accuracy_loss_pp"] > config.max_loss and steps < MAX_STEP_UPS:
             steps += 1
-            nxt = min(len(front) - 1, chosen[0] + max(1, (len(front) - 1 - chosen[0]) // 3))
+            # aim the selection loss lower by the excess seen on the verification samples (the loss grows about in
+            # proportion to the total proxy here), at least 10% and at most 70% less proxy
+            sel = 100.0 * (ref - chosen[3].correct) / n
+            want = sel - (ver["accuracy_loss_pp"] - config.max_loss)
+            ratio = min(0.9, max(0.3, want / sel)) if sel > 0 else 0.5
+            logp = np.log(np.maximum([a.proxy for a in front], 1e-12))
+            nxt = int(np.argmin(np.abs(logp - (logp[chosen[0]] + np.log(ratio)))))
+            nxt = min(len(front) - 1, max(nxt, chosen[0] + 1))
             if nxt == chosen[0]:
                 break
             log.info("verification loss %.2f pp is over the budget; stepping to a more accurate point",
@@ -515,7 +524,8 @@ def _search_front(front: list[Allocation], evaluate, allowed: int, n: int, ref: 
             f"no network with K in [{config.kmin}, {config.kmax}] is within --max-loss {config.max_loss:g} pp: "
             f"the most accurate one found loses {lost} pp on the {n} selection samples; raise --kmax or the budget")
     bisect = False
-    while hi - lo > 1 and len(seen) < MAX_EVALS:
+    while hi - lo > 1 and len(seen) < MAX_EVALS and (lo < 0 or front[hi].bits - front[lo].bits > RESOLVE *
+                                                      front[hi].bits):
         if lo < 0 or bisect:
             j = (lo + hi) // 2 if lo >= 0 else hi // 2
         else:  # interpolate the budget between the two bracketing error counts, in log proxy
