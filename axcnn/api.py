@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from axcnn import __version__, affine, fold, report, rewrite, score
+from axcnn import __version__, affine, atomic, fold, report, rewrite, score
 from axcnn.config import CompressConfig
 from axcnn.data import Preprocess, load_npz, prepare, stratified_subset
 from axcnn.errors import AxcnnError, BudgetNotMet
@@ -23,6 +23,7 @@ from axcnn.journal import Journal, fingerprint
 from axcnn.model import inventory, io_info, load_model, uses_external_data
 from axcnn.search.budget import run_budget
 from axcnn.search.greedy import greedy
+from axcnn.search.pareto import run_pareto
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,42 @@ def compress(
     return result
 
 
+def shared_model(model: onnx.ModelProto, decisions, metadata: dict) -> tuple[onnx.ModelProto, list, list]:
+    """The weight-shared model of ``decisions`` (repairs applied), its stored layers and SharedWeights; the decode
+    is checked in memory."""
+    base = model
+    repaired = [d for d in decisions if d.repair is not None]
+    if repaired:
+        base = copy.deepcopy(model)
+        for d in repaired:
+            affine.apply_channel_affine(base, d.spec.name, d.repair[0], d.repair[1])
+    shared = [rewrite.SharedWeight(d.spec.name, d.clustering.centroids.astype(d.spec.dtype), d.clustering.indices)
+              for d in decisions]
+    out_model, stored = rewrite.share_weights(base, shared, metadata)
+    rewrite.verify(out_model, shared)
+    return out_model, stored, shared
+
+
+def write_front(points, folder: Path, model: onnx.ModelProto, metadata: dict, skeleton) -> list[dict]:
+    """Write every front point's model into ``folder`` (created if missing) as ``cr{ratio}_loss{pp}.onnx``, each
+    checked to decode exactly once read back, and ``front.json`` listing them; returns that list."""
+    if folder.exists() and not folder.is_dir():
+        raise AxcnnError(f"--front-dir {folder} is a file, not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    listing = []
+    for p in sorted((p for p in points if not p.dominated), key=lambda p: p.compression_ratio):
+        out_model, _, shared = shared_model(model, p.decisions, metadata)
+        path = folder / f"cr{p.compression_ratio:.2f}_loss{p.loss_pp:.2f}.onnx"
+        external = uses_external_data(skeleton) or out_model.ByteSize() > (2 << 30) - (1 << 20)
+        size = rewrite.write_model(out_model, path, external_data=external)
+        rewrite.verify(load_model(path), shared)
+        listing.append({"file": path.name, "bytes": size, "compression_ratio": p.compression_ratio,
+                        "accuracy_loss_pp": p.loss_pp, "measured_on": p.measured_on,
+                        "layers": {d.spec.name: d.clustering.k for d in p.decisions}})
+    atomic.write_text(folder / "front.json", json.dumps(listing, indent=2) + "\n")
+    return listing
+
+
 def _run(model_path, model, skeleton, io, layers, skipped, selection, verification, output, report_file, config,
          settings, progress, journal, t_start) -> Result:
     providers = score.select_providers(config.device)
@@ -206,31 +243,25 @@ def _run(model_path, model, skeleton, io, layers, skipped, selection, verificati
         if verification is not None:
             ver_labels = verification.y if config.metric != "agreement" else _agreement_labels(
                 model, explorer.runner, io, verification.x, config.batch_size)
+        held_out = None if verification is None else (verification.x, ver_labels)
+        points = None
         if config.mode == "greedy":
             exploration = greedy(explorer, layers)
             section: dict = {"mode": "greedy"}
+        elif config.mode == "pareto":
+            exploration, section, points = run_pareto(explorer, layers, config, held_out, progress)
         else:
-            exploration, section = run_budget(explorer, layers, config, None if verification is None else (
-                verification.x, ver_labels), progress)
+            exploration, section = run_budget(explorer, layers, config, held_out, progress)
     finally:
         executor.close()
     if not exploration.decisions:
         raise AxcnnError("no layer could be shared: " + "; ".join(f"{n}: {r}" for n, r in exploration.skipped))
 
     # write the weight-shared model, check its decode, and score the written file itself
-    base = model
-    repaired = [d for d in exploration.decisions if d.repair is not None]
-    if repaired:
-        base = copy.deepcopy(model)
-        for d in repaired:
-            affine.apply_channel_affine(base, d.spec.name, d.repair[0], d.repair[1])
-    shared = [
-        rewrite.SharedWeight(d.spec.name, d.clustering.centroids.astype(d.spec.dtype), d.clustering.indices)
-        for d in exploration.decisions
-    ]
     metadata = {"axcnn.version": __version__, "axcnn.settings": json.dumps(settings, sort_keys=True)}
-    out_model, stored = rewrite.share_weights(base, shared, metadata)
-    rewrite.verify(out_model, shared)
+    out_model, stored, shared = shared_model(model, exploration.decisions, metadata)
+    if points is not None and config.front_dir is not None:
+        section["front_dir"] = write_front(points, Path(config.front_dir), model, metadata, skeleton)
     external = uses_external_data(skeleton) or out_model.ByteSize() > (2 << 30) - (1 << 20)
     t_final = time.perf_counter()
     try:

@@ -34,7 +34,20 @@ ASSIGNS = ("nearest", "gptq")
 MODE_DEFAULTS = {
     "greedy": {"kmin": 40, "kmax": 80, "holdout": 0.0, "calib": 256, "repair": "none"},
     "budget": {"kmin": 2, "kmax": 256, "holdout": 0.3, "calib": 1024, "repair": "scale"},
+    "pareto": {"kmin": 2, "kmax": 256, "holdout": 0.3, "calib": 1024, "repair": "scale"},
 }
+PICK_FORMS = "loss:PP (the largest ratio within PP points), cr:X (the most accurate at ratio >= X), index:N"
+
+
+def _pick_ok(value: str) -> bool:
+    kind, _, number = value.partition(":")
+    try:
+        x = float(number)
+    except ValueError:
+        return False
+    if kind == "index":
+        return x >= 0 and x == int(x)
+    return (kind == "loss" and x >= 0) or (kind == "cr" and x >= 1)
 
 
 @dataclass(frozen=True)
@@ -97,10 +110,22 @@ class CompressConfig:
                          "multiplies.", "choice", choices=WEIGHTINGS)
     assign: str = opt("nearest", "How weights get their centroid: the nearest, or GPTQ-style error feedback.",
                       "choice", choices=ASSIGNS)
+    # -- Pareto mode (Algorithm 3) ----------------------------------------------------------------------------------
+    pareto: bool = opt(False, "Pareto mode (the paper's Algorithm 3): measure a front of (accuracy loss, compression "
+                       "ratio) networks and write the one --pick chooses.", "bool")
+    beam: int = opt(8, "Pareto mode: how many networks of the predicted front are assembled and measured.", "int",
+                    check=at_least(2), allowed="an integer >= 2")
+    pick: str | None = opt(None, f"Pareto mode: which front point is written: {PICK_FORMS}.", "str",
+                           check=_pick_ok, allowed=PICK_FORMS, default_text="loss:1")
+    front_dir: str | None = opt(None, "Pareto mode: also write every front point's model into this folder.", "path",
+                                metavar="DIR")
     fold_bn: bool = opt(False, "Fold BatchNormalization and per-channel Mul/Add after a Conv/Gemm into its weight "
                         "and bias before clustering.", "bool")
 
     def __post_init__(self) -> None:
+        if (self.pick is not None or self.front_dir is not None) and self.max_loss is None \
+                and self.target_cr is None:
+            object.__setattr__(self, "pareto", True)  # choosing a front point, or writing them, asks for a front
         for name, value in MODE_DEFAULTS[self.mode].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
@@ -112,9 +137,18 @@ class CompressConfig:
         if self.max_loss is not None and self.target_cr is not None:
             raise ValueError(f"target_cr={self.target_cr!r} is invalid: allowed None when max_loss is set "
                              "(give one budget)")
+        if self.pareto and (self.max_loss is not None or self.target_cr is not None):
+            raise ValueError("pareto=True is invalid: allowed False with --max-loss or --target-cr (a front, or a "
+                             "budget)")
+        if not self.pareto and (self.pick is not None or self.front_dir is not None):
+            name = "pick" if self.pick is not None else "front_dir"
+            raise ValueError(f"{name}={getattr(self, name)!r} is invalid: allowed only in Pareto mode, not with "
+                             "--max-loss or --target-cr")
 
     @property
     def mode(self) -> str:
+        if self.pareto:
+            return "pareto"
         return "budget" if self.max_loss is not None or self.target_cr is not None else "greedy"
 
     def candidates_to_score(self, n_candidates: int) -> int:

@@ -78,6 +78,8 @@ def _sample(name, o):
         value = getattr(cls(), name, None)
         if value is not None and not isinstance(value, bool):
             return list(value) if isinstance(value, tuple) else value
+    if name == "pick":  # a string with a form of its own
+        return "loss:1"
     return {"int": 1, "float": 1.5, "bool": True, "str": "x", "path": "x", "floats": [0.5],
             "choice": o.choices[-1] if o.choices else None}[o.kind]
 

@@ -159,3 +159,41 @@ def test_fold_bn_outputs_match_the_dense_model_with_folded_weights(tmp_path):
         if t.name in decoded:
             t.CopyFrom(numpy_helper.from_array(decoded[t.name].astype(np.float32), t.name))
     np.testing.assert_allclose(_outputs(written, x), _outputs(folded, x), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------- Pareto mode
+
+
+def test_pareto_writes_a_front_of_non_dominated_points_and_the_picked_one(tmp_path):
+    mp, dp, _, _ = _files(tmp_path)
+    out, front_dir = tmp_path / "o.onnx", tmp_path / "front"
+    rep = compress(mp, dp, out, None, CompressConfig(pareto=True, beam=6, pick="loss:5", front_dir=str(front_dir),
+                                                     **BASE)).report
+    assert rep["mode"] == "pareto"
+    front = rep["front"]
+    assert front and sum(p["chosen"] for p in front) == 1
+    for p in front:  # mutually non-dominated
+        assert not any(q is not p and q["accuracy_loss_pp"] <= p["accuracy_loss_pp"]
+                       and q["compression_ratio"] >= p["compression_ratio"]
+                       and (q["accuracy_loss_pp"], q["compression_ratio"]) != (p["accuracy_loss_pp"],
+                                                                               p["compression_ratio"])
+                       for q in front)
+        assert p["measured_on"] == "verification" and p["samples"] == 90
+    chosen = next(p for p in front if p["chosen"])
+    assert chosen["accuracy_loss_pp"] <= 5.0
+    assert max(p["compression_ratio"] for p in front if p["accuracy_loss_pp"] <= 5.0) == chosen["compression_ratio"]
+    assert rep["compression_ratio"] == pytest.approx(chosen["compression_ratio"])
+    listing = json.loads((front_dir / "front.json").read_text())
+    assert len(listing) == len(front)
+    for entry in listing:
+        m = onnx.load(str(front_dir / entry["file"]))
+        onnx.checker.check_model(m)
+        assert rewrite.is_shared_model(m)
+
+
+def test_pareto_pick_that_fits_no_point_fails_and_writes_nothing(tmp_path):
+    mp, dp, _, _ = _files(tmp_path)
+    out = tmp_path / "o.onnx"
+    with pytest.raises(BudgetNotMet, match="--pick cr:500"):
+        compress(mp, dp, out, None, CompressConfig(pareto=True, beam=3, pick="cr:500", **BASE))
+    assert not out.exists()
