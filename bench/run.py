@@ -48,6 +48,7 @@ from axcnn.model import inventory, io_info, load_model  # noqa: E402
 REALDATA = REPO.parent / "shared" / "realdata"
 DOCS = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- figures:begin -->", "<!-- figures:end -->"
+BUDGET_BEGIN, BUDGET_END = "<!-- budget:begin -->", "<!-- budget:end -->"
 BATCH = 256  # onnxruntime batch size of every scoring pass (axcnn's default)
 SEED = 0
 
@@ -507,16 +508,70 @@ def latency(setup: Setup, shared_path: Path, out: Out, creations: int = 15, runs
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def write_docs(text: str, command: str) -> None:
+def write_docs(text: str, command: str, begin: str = BEGIN, end: str = END) -> None:
     doc = DOCS.read_text()
-    if BEGIN not in doc or END not in doc:
-        sys.exit(f"{DOCS} has no {BEGIN} ... {END} section to rewrite")
-    head, rest = doc.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
+    if begin not in doc or end not in doc:
+        sys.exit(f"{DOCS} has no {begin} ... {end} section to rewrite")
+    head, rest = doc.split(begin, 1)
+    _, tail = rest.split(end, 1)
     stamp = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     body = f"\nRun of {stamp}, command `{command}`:\n\n```text\n{text.strip()}\n```\n"
-    DOCS.write_text(head + BEGIN + body + END + tail)
-    note(f"rewrote the figures section of {DOCS}")
+    DOCS.write_text(head + begin + body + end + tail)
+    note(f"rewrote the {begin} section of {DOCS}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. budget mode
+
+
+def budget(setup: Setup, args, tmp: Path, out: Out) -> dict:
+    """--max-loss on the scoring set, its cost in T_pass of that whole set, beside the K-range command (b)."""
+    n = len(setup.y)
+    t_before, _ = setup.t_pass()
+    rows: dict[str, dict] = {}
+    for pp in args.budget_losses:
+        note(f"budget: axcnn compress --max-loss {pp:g}")
+        with Window() as w:
+            rep = compress(setup.model_path, setup.data_path, tmp / f"budget{pp:g}.onnx", None,
+                           CompressConfig(max_loss=pp, seed=SEED, limit=args.limit, batch_size=BATCH),
+                           setup.pre).report
+        rows[f"--max-loss {pp:g}"] = {"wall_s": w.wall, "cpu_s": w.cpu, "load": w.load, "search_s": rep["search_s"],
+                                      "total_s": rep["timing"]["total_s"], "cr": rep["compression_ratio"],
+                                      "file_ratio": rep["file_ratio"], "evaluation": rep["evaluation"],
+                                      "times": rep["search_times_s"], "counts": rep["search_counts"],
+                                      "ks": [layer["k"] for layer in rep["layers"]]}
+    note("budget: axcnn compress with the K range (b), for comparison")
+    with Window() as w:
+        rep = compress(setup.model_path, setup.data_path, tmp / "range.onnx", None, setup.config(args, "inertia"),
+                       setup.pre).report
+    rows["K range (b)"] = {"wall_s": w.wall, "cpu_s": w.cpu, "load": w.load, "search_s": rep["timing"]["scoring_s"]
+                           + rep["timing"]["estimate_s"] + rep["timing"]["clustering_s"],
+                           "total_s": rep["timing"]["total_s"], "cr": rep["compression_ratio"],
+                           "file_ratio": rep["file_ratio"], "evaluation": rep["evaluation"], "times": {},
+                           "counts": {}, "ks": [layer["k"] for layer in rep["layers"]]}
+    t_after, _ = setup.t_pass()
+    t_pass = math.sqrt(t_before * t_after)
+    table = []
+    for name, r in rows.items():
+        r["cost_t_pass"] = r["search_s"] / t_pass
+        ev = r["evaluation"]
+        ver = ev.get("verification") or {}
+        table.append([name, f"{r['cost_t_pass']:.1f}", f"{r['search_s']:.0f}", f"{r['wall_s']:.0f}",
+                      f"{r['cr']:.2f}", f"{r['file_ratio']:.2f}", f"{ev['selection']['accuracy_loss_pp']:.2f}",
+                      f"{ver.get('accuracy_loss_pp', float('nan')):.2f}", f"{r['load']:.1f}"])
+    out.table(f"Budget mode on {n} samples: search cost in T_pass (one pass of the dense model over all {n}; "
+              f"{t_pass:.2f}s here)",
+              ["run", "search T_pass", "search s", "wall s", "Eq.1 CR", "file CR", "sel. loss pp", "ver. loss pp",
+               "load"], table,
+              ["search s = the budget search (sensitivity table, assemblies, measurements, verification) as the "
+               "report's search_s; for the K range, clustering + estimates + scoring. wall s = the whole compress "
+               "call (loading, final check of the written file, report). The budget runs hold out 30% of the samples "
+               "(selection 70%, verification 30%); the K-range run scores on all of them."])
+    for name, r in rows.items():
+        if r["times"]:
+            out(f"{name}: " + ", ".join(f"{k} {v:.0f}s" for k, v in r["times"].items()) + "; "
+                + ", ".join(f"{k} {v}" for k, v in r["counts"].items()) + f"; K {r['ks']}")
+    return {"t_pass_s": t_pass, "runs": rows}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -527,7 +582,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kmax", type=int, default=80)
     p.add_argument("--filter", type=float, default=0.15, help="fraction of candidates fully scored per layer")
     p.add_argument("--calib", type=int, default=256, help="calibration samples of the kl estimator")
-    p.add_argument("--only", choices=("all", "clustering", "latency", "dse"), default="all")
+    p.add_argument("--only", choices=("all", "clustering", "latency", "dse", "budget"), default="all")
+    p.add_argument("--budget-losses", type=float, nargs="+", default=[1.0], metavar="PP",
+                   help="--max-loss values of the budget section")
     p.add_argument("--write-docs", action="store_true", help="rewrite the figures section of docs/benchmarks.md")
     p.add_argument("--json", metavar="OUT", help="dump all figures as JSON")
     args = p.parse_args(argv)
@@ -553,7 +610,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="axcnn-bench-") as tmpdir:
         tmp = Path(tmpdir)
         setup = None
-        if args.only in ("all", "dse", "latency"):
+        if args.only in ("all", "dse", "latency", "budget"):
             setup = Setup(args)
             rss["setup (model + scoring set)"] = phase_stats()
             out(f"model: {args.model} ({setup.model_path.name}), {len(setup.layers)} shareable layers; scoring set "
@@ -563,6 +620,10 @@ def main(argv=None) -> None:
         if args.only in ("all", "clustering"):
             figures["clustering"] = clustering(args, out)
             rss["clustering (ResNet-18 shapes)"] = phase_stats()
+        if args.only in ("all", "budget"):
+            budget_out = Out()
+            figures["budget"] = budget(setup, args, tmp, budget_out)
+            out.lines += budget_out.lines
         if args.only in ("all", "latency"):
             shared = tmp / "b.shared.onnx"
             if not shared.exists():
@@ -584,7 +645,9 @@ def main(argv=None) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2, default=str) + "\n")
         note(f"wrote {args.json}")
-    if args.write_docs:
+    if args.write_docs and args.only == "budget":
+        write_docs("\n".join(budget_out.lines), command, BUDGET_BEGIN, BUDGET_END)
+    elif args.write_docs:
         write_docs("\n".join(out.lines), command)
 
 
