@@ -6,14 +6,16 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from axcnn import __version__, report, rewrite, score
+from axcnn import data as data_mod
 from axcnn.config import CompressConfig
-from axcnn.data import Preprocess, load_npz, prepare, stratified_subset
+from axcnn.data import Dataset, Preprocess
 from axcnn.errors import AxcnnError
 from axcnn.explore import Explorer, Progress
 from axcnn.model import inventory, io_info, load_model, uses_external_data
@@ -77,18 +79,50 @@ def _check_paths(model_path: Path, output: Path, report_path: Path | None) -> No
         raise AxcnnError("the output model and the report must be different files")
 
 
-def load_data(data_path, preprocess: Preprocess, io, config: CompressConfig):
-    """The scoring data, ready to feed the model: read, preprocessed and cut to ``config.limit`` samples."""
-    x_raw, y_raw = load_npz(data_path)
-    data = prepare(x_raw, y_raw, preprocess, io.input_shape, io.input_dtype)
-    if config.limit is not None and config.limit < len(data):
-        data = data.subset(stratified_subset(data.y, config.limit, config.seed))
+def load_data(data_path, preprocess: Preprocess, io, config: CompressConfig, model_path=None) -> Dataset:
+    """The scoring data, ready to feed the model: read, preprocessed and cut to ``config.limit`` samples.
+
+    ``data_path`` is an ``.npz``, an image folder or a zoo test folder; None looks for ``test_data_set_*`` folders
+    beside ``model_path`` and, finding none, makes synthetic inputs (a data-free run; ``config.limit`` of them,
+    1000 by default). See :mod:`axcnn.data`.
+    """
+    source = data_mod.find_source(data_path, model_path)
+    data = data_mod.load(source, preprocess, io, limit=config.limit, seed=config.seed)
+    prov = data.provenance
+    if source.kind == "synthetic":
+        log.warning("no test data: neither --data nor test_data_set_* folders beside the model; running data-free "
+                    "on %d synthetic inputs, scored by agreement with the original model (accuracy is not "
+                    "measured)", len(data))
+    elif source.kind == "zoo":
+        how = "found beside the model" if source.found else "given"
+        log.warning("zoo test data %s (%d sets, %d samples) has no labels: scoring by agreement with the original "
+                    "model's top-1 (--metric agreement)", how, len(source.sets), prov.read)
+    elif not data.labelled:
+        log.warning("the test data %s has no labels: scoring by agreement with the original model's top-1 "
+                    "(--metric agreement)", data_path)
     return data
+
+
+def data_config(config: CompressConfig, data: Dataset) -> CompressConfig:
+    """The config scoring ``data`` runs with: unlabelled data is scored by agreement. Budget modes need labels."""
+    if data.labelled:
+        return config
+    if config.mode != "greedy":
+        raise AxcnnError(_BUDGET_NEEDS_LABELS + _why_unlabelled(data.provenance.source if data.provenance else None))
+    return config if config.metric == "agreement" else replace(config, metric="agreement")
+
+
+_BUDGET_NEEDS_LABELS = "--max-loss and --target-cr need labelled test data (--data with labels): "
+
+
+def _why_unlabelled(kind: str | None) -> str:
+    return {"synthetic": "this run has no test data (data-free)",
+            "zoo": "zoo test sets have no labels"}.get(kind, "the test data has no labels")
 
 
 def compress(
     model_path: str | os.PathLike,
-    data_path: str | os.PathLike,
+    data_path: str | os.PathLike | None = None,
     output_path: str | os.PathLike | None = None,
     report_path: str | os.PathLike | None = None,
     config: CompressConfig | None = None,
@@ -96,7 +130,11 @@ def compress(
     output_name: str | None = None,
     progress: Progress | None = None,
 ) -> Result:
-    """Weight-share ``model_path`` using the labelled test set ``data_path`` and write the shared model.
+    """Weight-share ``model_path`` using the test data ``data_path`` and write the shared model.
+
+    ``data_path`` is an ``.npz``, an image folder or a zoo test folder; None uses the ``test_data_set_*`` folders
+    beside the model, or synthetic inputs when there are none (data-free: scored by agreement with the original
+    model, and the report says ``accuracy_measured: false``). Unlabelled data is scored by agreement.
 
     Returns the report (also written as JSON to ``report_path`` when given). Raises AxcnnError for user errors;
     nothing is written then.
@@ -109,6 +147,10 @@ def compress(
     report_file = Path(report_path) if report_path is not None else None
     _check_paths(model_path, output, report_file)
 
+    if config.mode != "greedy":  # budget modes need labels; say so before reading anything
+        source = data_mod.find_source(data_path, model_path)
+        if source.kind in ("synthetic", "zoo"):
+            raise AxcnnError(_BUDGET_NEEDS_LABELS + _why_unlabelled(source.kind))
     if config.mode != "greedy" or config.repair != "none" or config.weighting != "none" or config.assign != "nearest" \
             or config.fold_bn or config.holdout:
         raise AxcnnError("budget modes, repair, weighting, gptq assignment, --fold-bn and --holdout are not "
@@ -119,11 +161,20 @@ def compress(
     if not layers:
         raise AxcnnError(f"{model_path} has no Conv/ConvTranspose/Gemm/MatMul weight with at least "
                          f"{config.min_weights} values to share")
-    data = load_data(data_path, preprocess, io, config)
+    data = load_data(data_path, preprocess, io, config, model_path)
+    config = data_config(config, data)
 
     providers = score.select_providers(config.device)
     labels = None if config.metric == "agreement" else data.y
     explorer = Explorer(model, io, data.x, labels, config, providers, progress=progress)
+    data_info = data.provenance.as_dict(len(data)) if data.provenance else {"samples": len(data)}
+    if data.reference is not None:  # zoo output_0.pb: the original model's top-1 as stored with the data
+        own = explorer.reference_outputs.reshape(len(data), -1).argmax(axis=1)
+        same = int(np.sum(own == data.reference))
+        data_info["stored_outputs_agree"] = same
+        if same < len(data):
+            log.warning("the model's top-1 differs from the stored output_0.pb on %d of %d samples", len(data) - same,
+                        len(data))
     exploration = greedy(explorer, layers)
     if not exploration.decisions:
         raise AxcnnError("no layer could be shared: " + "; ".join(f"{n}: {r}" for n, r in exploration.skipped))
@@ -162,6 +213,8 @@ def compress(
         file_bytes_before=file_bytes_before, file_bytes_after=file_bytes_after,
         final_check_s=final_s, total_s=time.perf_counter() - t_start, providers=providers,
     )
+    rep["data"] = data_info
+    rep["accuracy_measured"] = data.labelled
     if report_file is not None:
         report.write_json(rep, report_file)
     return Result(output, report_file, rep)
