@@ -300,7 +300,8 @@ class Geometry:
 def image_geometry(preprocess: Preprocess, input_shape: Sequence[Dim],
                    input_name: str | None = None) -> Geometry:
     """What images the model takes, from its input shape and ``--layout``: without a layout, the channel dim is
-    the one of dims 1 and 3 that is a fixed 1, 3 or 4 (the other must not be). Raises AxcnnError when the input
+    the one of dims 1 and 3 that is a fixed 1, 3 or 4 (when both are, the one leaving the larger image side).
+    Raises AxcnnError when the input
     is not 4-D or the layout cannot be told."""
     model_shape = list(input_shape)
     what = f"model input '{input_name}'" if input_name else "model input"
@@ -312,8 +313,14 @@ def image_geometry(preprocess: Preprocess, input_shape: Sequence[Dim],
     def chan(d):
         return _fixed(d) and int(d) in (1, 3, 4)
 
+    def smallest_side(dims) -> float:
+        return min(int(d) if _fixed(d) else math.inf for d in dims)
+
     if layout is None:
         first, last = chan(model_shape[1]), chan(model_shape[3])
+        if first and last:  # e.g. [n,1,4,4]: an image 1 pixel high is less likely than a 1-channel one
+            nchw, nhwc = smallest_side(model_shape[2:]), smallest_side(model_shape[1:3])
+            first, last = nchw > nhwc, nhwc > nchw
         if first != last:
             layout = "NCHW" if first else "NHWC"
         else:

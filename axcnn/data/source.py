@@ -64,10 +64,11 @@ def _limit_idx(y: np.ndarray | None, n: int, limit: int | None, seed: int) -> np
 
 
 def load(source: Source, preprocess: Preprocess, io, *, limit: int | None = None, seed: int = 0,
-         generator: str = synthetic.DEFAULT_GENERATOR) -> Dataset:
+         generator: str | None = None) -> Dataset:
     """Read ``source`` into a Dataset for the model input ``io`` (an :class:`axcnn.model.IOInfo`): preprocessed,
     cut to a seeded, label-stratified subset of ``limit`` samples (for images, before decoding). Synthetic data
-    has ``limit`` samples (:data:`axcnn.data.synthetic.DEFAULT_SAMPLES` when None)."""
+    has ``limit`` samples (:data:`axcnn.data.synthetic.DEFAULT_SAMPLES` when None), drawn by ``generator``
+    (:data:`axcnn.data.synthetic.DEFAULT_GENERATOR` when None)."""
     shape, dtype, name = io.input_shape, io.input_dtype, io.input_name
     kind = source.kind
     if kind == "npz":
@@ -111,5 +112,6 @@ def load(source: Source, preprocess: Preprocess, io, *, limit: int | None = None
         return replace(data, provenance=prov)
     if kind == "synthetic":
         n = limit if limit is not None else synthetic.DEFAULT_SAMPLES
-        return synthetic.synthesize(n, preprocess, shape, dtype, generator=generator, seed=seed, input_name=name)
+        return synthetic.synthesize(n, preprocess, shape, dtype, generator=generator or synthetic.DEFAULT_GENERATOR,
+                                    seed=seed, input_name=name)
     raise ValueError(f"unknown source kind {kind!r}")
