@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -12,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from axcnn import __version__, report, rewrite, score
+from axcnn import __version__, affine, fold, report, rewrite, score
 from axcnn import data as data_mod
 from axcnn.config import CompressConfig
-from axcnn.data import Dataset, Preprocess
-from axcnn.errors import AxcnnError
+from axcnn.data import Dataset, Preprocess, stratified_subset
+from axcnn.errors import AxcnnError, BudgetNotMet
 from axcnn.explore import Explorer, Progress
 from axcnn.model import inventory, io_info, load_model, uses_external_data
+from axcnn.search.budget import run_budget
 from axcnn.search.greedy import greedy
 
 log = logging.getLogger(__name__)
@@ -120,6 +122,32 @@ def _why_unlabelled(kind: str | None) -> str:
             "zoo": "zoo test sets have no labels"}.get(kind, "the test data has no labels")
 
 
+def split(data, config: CompressConfig):
+    """(selection, verification or None): ``config.holdout`` of the samples, seeded and label-stratified, are held
+    out to verify the result on samples the search never saw."""
+    n_ver = int(round(config.holdout * len(data)))
+    if n_ver < 1:
+        return data, None
+    if n_ver >= len(data):
+        raise AxcnnError(f"--holdout {config.holdout:g} leaves no samples to search with ({len(data)} in all)")
+    strata = data.y if data.y is not None else np.zeros(len(data), np.int64)  # unlabelled: a plain random draw
+    ver = stratified_subset(strata, n_ver, config.seed + 7919)
+    mask = np.ones(len(data), dtype=bool)
+    mask[ver] = False
+    return data.subset(np.flatnonzero(mask)), data.subset(ver)
+
+
+def _agreement_labels(model, runner, io, x, batch) -> np.ndarray:
+    out = np.concatenate(list(score.run_model(model, runner, io, x, batch)), axis=0)
+    return np.argmax(out.reshape(len(out), -1), axis=1).astype(np.int64)
+
+
+def _selection_eval(explorer, final_correct: int) -> dict:
+    n = len(explorer.labels)
+    return {"samples": n, "reference_score": explorer.reference_correct / n, "final_score": final_correct / n,
+            "accuracy_loss_pp": round(100.0 * (explorer.reference_correct - final_correct) / n, 6)}
+
+
 def compress(
     model_path: str | os.PathLike,
     data_path: str | os.PathLike | None = None,
@@ -151,11 +179,10 @@ def compress(
         source = data_mod.find_source(data_path, model_path)
         if source.kind in ("synthetic", "zoo"):
             raise AxcnnError(_BUDGET_NEEDS_LABELS + _why_unlabelled(source.kind))
-    if config.mode != "greedy" or config.repair != "none" or config.weighting != "none" or config.assign != "nearest" \
-            or config.fold_bn or config.holdout:
-        raise AxcnnError("budget modes, repair, weighting, gptq assignment, --fold-bn and --holdout are not "
-                         "available yet in this build")
     model = load_model(model_path)
+    if config.fold_bn:
+        model, folded = fold.fold_bn(model)
+        log.info("--fold-bn: folded %d node(s) into %d layer(s)", sum(len(f.folded) for f in folded), len(folded))
     io = io_info(model, output_name)
     layers, skipped = inventory(model, config.min_weights)
     if not layers:
@@ -163,30 +190,46 @@ def compress(
                          f"{config.min_weights} values to share")
     data = load_data(data_path, preprocess, io, config, model_path)
     config = data_config(config, data)
+    selection, verification = split(data, config)
 
     providers = score.select_providers(config.device)
-    labels = None if config.metric == "agreement" else data.y
-    explorer = Explorer(model, io, data.x, labels, config, providers, progress=progress)
+    labels = None if config.metric == "agreement" else selection.y
+    explorer = Explorer(model, io, selection.x, labels, config, providers, progress=progress)
     data_info = data.provenance.as_dict(len(data)) if data.provenance else {"samples": len(data)}
-    if data.reference is not None:  # zoo output_0.pb: the original model's top-1 as stored with the data
-        own = explorer.reference_outputs.reshape(len(data), -1).argmax(axis=1)
-        same = int(np.sum(own == data.reference))
+    if selection.reference is not None:  # zoo output_0.pb: the original model's top-1 as stored with the data
+        own = explorer.reference_outputs.reshape(len(selection), -1).argmax(axis=1)
+        same = int(np.sum(own == selection.reference))
         data_info["stored_outputs_agree"] = same
-        if same < len(data):
-            log.warning("the model's top-1 differs from the stored output_0.pb on %d of %d samples", len(data) - same,
-                        len(data))
-    exploration = greedy(explorer, layers)
+        if same < len(selection):
+            log.warning("the model's top-1 differs from the stored output_0.pb on %d of %d samples",
+                        len(selection) - same, len(selection))
+    ver_labels = None
+    if verification is not None:
+        ver_labels = verification.y if config.metric != "agreement" else _agreement_labels(
+            model, explorer.runner, io, verification.x, config.batch_size)
+    if config.mode == "greedy":
+        exploration = greedy(explorer, layers)
+        section: dict = {"mode": "greedy"}
+    else:
+        exploration, section = run_budget(explorer, layers, config,
+                                          None if verification is None else (verification.x, ver_labels), progress)
     if not exploration.decisions:
         raise AxcnnError("no layer could be shared: " + "; ".join(f"{n}: {r}" for n, r in exploration.skipped))
 
     # write the weight-shared model, check its decode, and score the written file itself
+    base = model
+    repaired = [d for d in exploration.decisions if d.repair is not None]
+    if repaired:
+        base = copy.deepcopy(model)
+        for d in repaired:
+            affine.apply_channel_affine(base, d.spec.name, d.repair[0], d.repair[1])
     shared = [
         rewrite.SharedWeight(d.spec.name, d.clustering.centroids.astype(d.spec.dtype), d.clustering.indices)
         for d in exploration.decisions
     ]
     settings = report.settings_dict(config, preprocess, data_path, len(data), io)
     metadata = {"axcnn.version": __version__, "axcnn.settings": json.dumps(settings, sort_keys=True)}
-    out_model, stored = rewrite.share_weights(model, shared, metadata)
+    out_model, stored = rewrite.share_weights(base, shared, metadata)
     rewrite.verify(out_model, shared)
     skeleton = onnx.load(str(model_path), load_external_data=False)  # tensors still point at their files
     external = uses_external_data(skeleton) or out_model.ByteSize() > (2 << 30) - (1 << 20)
@@ -195,6 +238,18 @@ def compress(
     written = load_model(output)
     try:
         rewrite.verify(written, shared)  # the file on disk, not just the model in memory, decodes exactly
+        final_correct = score.count_all(written, explorer.runner, io, selection.x, explorer.labels, config.metric,
+                                        config.batch_size)
+        evaluation = {"selection": _selection_eval(explorer, final_correct), "verification": None}
+        if verification is not None:
+            ref_mask = score.correct_mask(model, explorer.runner, io, verification.x, ver_labels, config.metric,
+                                          config.batch_size)
+            out_mask = score.correct_mask(written, explorer.runner, io, verification.x, ver_labels, config.metric,
+                                          config.batch_size)
+            evaluation["verification"] = score.paired_loss(ref_mask, out_mask)
+            if config.max_loss is not None and evaluation["verification"]["accuracy_loss_pp"] > config.max_loss:
+                raise BudgetNotMet(f"the written model loses {evaluation['verification']['accuracy_loss_pp']:.2f} "
+                                   f"pp on the verification samples, over --max-loss {config.max_loss:g}")
     except Exception as exc:
         for f in model_files(output, onnx.load(str(output), load_external_data=False)):
             f.unlink(missing_ok=True)
@@ -202,8 +257,6 @@ def compress(
             raise
         raise AxcnnError(f"the written file {output} does not decode to the clustered weights "
                          f"({type(exc).__name__}: {exc}); it was removed") from exc
-    final_correct = score.count_all(written, explorer.runner, io, data.x, explorer.labels, config.metric,
-                                    config.batch_size)
     final_s = time.perf_counter() - t_final
     file_bytes_before = sum(f.stat().st_size for f in model_files(model_path, skeleton))
 
@@ -212,6 +265,7 @@ def compress(
         skipped=skipped, stored=stored, final_correct=final_correct, out_model=out_model, original=model,
         file_bytes_before=file_bytes_before, file_bytes_after=file_bytes_after,
         final_check_s=final_s, total_s=time.perf_counter() - t_start, providers=providers,
+        section=section, evaluation=evaluation,
     )
     rep["data"] = data_info
     rep["accuracy_measured"] = data.labelled

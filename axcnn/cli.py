@@ -199,25 +199,10 @@ def compress(model, data, output, report_path, plain_scoring, output_name, verbo
         sys.exit(3)
     progress.close()
     if not quiet:
-        from axcnn.report import render_table
+        from axcnn.render.table import render_table
 
         click.echo(render_table(result.report))
-        notice = _accuracy_notice(result.report)
-        if notice:
-            click.echo(notice)
         click.echo(f"wrote {result.output_path} and {result.report_path}")
-
-
-def _accuracy_notice(rep: dict) -> str | None:
-    """A plain line when the run did not measure accuracy (no labels, or no data at all)."""
-    if rep.get("accuracy_measured", True):
-        return None
-    data = rep.get("data") or {}
-    if data.get("source") == "synthetic":
-        return (f"accuracy was NOT measured: data-free run; the scores above are agreement with the original model "
-                f"on {rep['samples']} synthetic inputs. Check the model on real data before use.")
-    return (f"accuracy was NOT measured: the data has no labels; the scores above are agreement with the original "
-            f"model's top-1 on {rep['samples']} samples.")
 
 
 @main.command("inspect")
@@ -260,24 +245,46 @@ def expand_cmd(model, output):
     click.echo(f"wrote {output} ({size:,} bytes)")
 
 
-@main.command("report")
-@click.argument("report_json", type=click.Path(exists=True, dir_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json"]), default="table",
-              show_default=True)
-def report_cmd(report_json, fmt):
-    """Render a JSON report written by compress."""
-    import json
+REPORT_EXAMPLES = """
+\b
+Examples:
+  axcnn report model.shared.report.json                      # the terminal table
+  axcnn report model.shared.report.json --format html        # writes model.shared.report.html beside it
+  axcnn report model.shared.report.json --format markdown -o report.md   # PNGs go to report_plots/
+"""
 
-    from axcnn import report
 
+@main.command("report", epilog=REPORT_EXAMPLES)
+@click.argument("report_json", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "html", "json"]), default="table",
+              show_default=True, help="html is one self-contained page with the plots embedded.")
+@click.option("-o", "--output", type=click.Path(), help="Write here instead of stdout [html default: REPORT_JSON "
+              "with .html]. Markdown also writes its plots (PNG) to a folder OUTPUT-STEM_plots/ beside it.")
+def report_cmd(report_json, fmt, output):
+    """Render a JSON report written by compress. The plots need matplotlib: pip install 'axcnn[plots]'."""
+    _setup_logging(0, False)  # warnings (a newer schema, a plot left out) print as "axcnn: ..." on stderr
+    import os
+    from pathlib import Path
+
+    from axcnn import render
+
+    written = []
     try:
-        rep = report.load_json(report_json)
-        if fmt == "json":
-            click.echo(json.dumps(rep, indent=2))
-        else:
-            click.echo(report.render_markdown(rep) if fmt == "markdown" else report.render_table(rep))
-    except (OSError, ValueError, KeyError) as exc:
-        _fail(f"{report_json} is not an axcnn report ({type(exc).__name__}: {exc})")
+        rep = render.load(report_json)
+        if output is None and fmt == "html":
+            output = render.default_path(report_json, fmt)
+        if output is None:
+            click.echo(render.render(rep, fmt), nl=False)
+            return
+        if Path(output).exists() and os.path.samefile(output, report_json):
+            raise AxcnnError(f"-o {output} is the report being rendered; choose another file")
+        written = render.write(rep, fmt, output)
+    except AxcnnError as exc:
+        _fail(str(exc))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a malformed field deep in the dict
+        log.debug("render failure", exc_info=True)
+        _fail(f"{report_json} is not a valid axcnn report ({type(exc).__name__}: {exc})")
+    click.echo(f"wrote {', '.join(map(str, written))}")
 
 
 if __name__ == "__main__":  # pragma: no cover

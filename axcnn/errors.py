@@ -12,3 +12,7 @@ class MissingBackendError(AxcnnError):
         super().__init__(f"{backend} is not installed; install it with: pip install 'axcnn[{extra}]'")
         self.backend = backend
         self.extra = extra
+
+
+class BudgetNotMet(AxcnnError):
+    """Budget mode found no network within the budget (on the selection or the verification samples)."""

@@ -53,10 +53,16 @@ class LayerDecision:
     candidates: tuple[Candidate, ...]
     chosen: Candidate
     clustering: Clustering = field(repr=False)
-    plan: str  # "full" | "suffix"
+    plan: str  # "full" | "suffix" | "budget"
     clustering_s: float
     scoring_s: float
     estimate_s: float
+    # budget mode
+    repair: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)  # (scale, bias) per channel
+    extra_bits: int = 0  # Eq. 1 bits stored besides indices and centroids (the repair's scale)
+    predicted: float | None = None  # the sensitivity proxy of the chosen K, this layer alone
+    predicted_loss_pp: float | None = None  # top-1 loss on the calibration samples, this layer alone
+    affine: object = field(default=None, repr=False)  # axcnn.affine.AffineSite when repaired
 
     def dense(self) -> np.ndarray:
         """The clustered weight, in the weight's own dtype, as written to the model."""
@@ -72,6 +78,8 @@ class Exploration:
     samples: int
     t_pass_s: float  # one full pass of the uncompressed network over the scoring set
     estimator: str
+    final_model: onnx.ModelProto | None = field(default=None, repr=False)  # budget mode: the network chosen
+    scoring_s: float | None = None  # when the strategy tracks its scoring time itself
 
 
 class Explorer:
@@ -97,6 +105,7 @@ class Explorer:
         self.reference_correct = score.count_correct(ref, labels, config.metric)
         # candidates are scored over the samples hardest first, so that exact early stops come early
         order = score.hardest_first(ref, labels, config.metric) if config.early_stop else np.arange(len(x))
+        self._order = order
         self._x = x[order]
         self._y = labels[order]
         self._previous: score.Plan | None = None  # the last layer's plan: its activations feed the next prefix
@@ -215,6 +224,14 @@ class Explorer:
 
     def current_model(self) -> onnx.ModelProto:
         return copy.deepcopy(self.current)
+
+    def samples(self) -> tuple[np.ndarray, np.ndarray]:
+        """The scoring samples and labels in the order candidates are scored (hardest first with early stops)."""
+        return self._x, self._y
+
+    def reference_in_order(self) -> np.ndarray:
+        """The uncompressed model's outputs, in the order of :meth:`samples`."""
+        return self.reference_outputs[self._order]
 
 
 def calibration_indices(n: int, calib: int, seed: int) -> np.ndarray:

@@ -6,7 +6,6 @@ import numpy as np
 import onnx
 
 from axcnn import rewrite
-from axcnn.cluster import eq1_bits
 from axcnn.model import FLOAT_TYPES, inventory
 
 _DTYPE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16, "float64": 64}
@@ -14,7 +13,9 @@ _DTYPE_BITS = {"float32": 32, "float16": 16, "bfloat16": 16, "float64": 64}
 
 def describe(model: onnx.ModelProto) -> dict:
     """Every weight tensor of Conv/ConvTranspose/Gemm/MatMul nodes and their biases, and for an axcnn model each
-    shared layer's K, index bits, stored bytes and Eq. 1 compression ratio."""
+    shared layer's K, index bits, how it shares codebooks (granularity, codebooks, vectors), stored bytes and Eq. 1
+    compression ratio (Eq. 1 counting every codebook: ``index_count * ceil(log2 K) + codebooks * K * vector_dim *
+    B``)."""
     consumers: dict[str, str] = {}
     for node in model.graph.node:
         for name in node.input:
@@ -39,14 +40,18 @@ def describe(model: onnx.ModelProto) -> dict:
     for rec in shared:
         count = int(np.prod(rec["shape"], dtype=np.int64)) if rec["shape"] else 1
         b = _DTYPE_BITS.get(rec["dtype"], 32)
-        eq1 = eq1_bits(count, rec["k"], b)
+        eq1 = rewrite.eq1_bits(rec["index_count"], rec["k"], b, codebooks=rec["codebooks"],
+                               vector_dim=rec["vector_dim"])
         bits_before += count * b
         bits_after += eq1
         tensors.append({
             "name": rec["name"], "role": "weight", "op_type": consumers.get(rec["name"]), "shape": rec["shape"],
             "dtype": rec["dtype"], "count": count, "bytes": count * b // 8, "shared": True, "k": rec["k"],
-            "index_bits": rec["index_bits"], "encoding": rec["encoding"],
-            "stored_bytes": rec["index_bytes"] + rec["centroid_bytes"], "compression_ratio": count * b / eq1,
+            "index_bits": rec["index_bits"], "encoding": rec["encoding"], "granularity": rec["granularity"],
+            "codebooks": rec["codebooks"], "vector_dim": rec["vector_dim"], "index_count": rec["index_count"],
+            "axis": rec["axis"], "group_size": rec["group_size"], "vector_axis": rec["vector_axis"],
+            "stored_bytes": rec["index_bytes"] + rec["centroid_bytes"], "eq1_bits": eq1,
+            "compression_ratio": count * b / eq1,
         })
     metadata = {p.key: p.value for p in model.metadata_props if p.key.startswith("axcnn.")
                 and p.key != rewrite.LAYERS_KEY}
@@ -60,21 +65,31 @@ def describe(model: onnx.ModelProto) -> dict:
     }
 
 
+def _sharing(t: dict) -> str:
+    """How a shared layer shares its codebooks, in a few characters: layer, channel/4 (four channels a codebook),
+    kernel, vector2 (pairs of weights an entry)."""
+    if t["vector_dim"] > 1:
+        return f"vector{t['vector_dim']}"
+    if t["granularity"] == "channel":
+        return f"channel/{t['group_size']}"
+    return t["granularity"]
+
+
 def render(info: dict) -> str:
     """A terminal table of :func:`describe`'s dict."""
     from axcnn.report import _table
 
     headers = ["tensor", "role", "op", "shape", "dtype", "count", "bytes"]
     if info["shared_model"]:
-        headers += ["K", "bits", "stored", "CR"]
+        headers += ["sharing", "K", "bits", "stored", "CR"]
     rows = []
     for t in info["tensors"]:
         name = t["name"] if len(t["name"]) <= 40 else "…" + t["name"][-39:]
         row = [name, t["role"], t["op_type"] or "-", "x".join(map(str, t["shape"])) or "scalar", t["dtype"],
                str(t["count"]), str(t["bytes"])]
         if info["shared_model"]:
-            row += [str(t["k"]), str(t["index_bits"]), str(t["stored_bytes"]), f"{t['compression_ratio']:.2f}"] \
-                if t["shared"] else ["-", "-", "-", "-"]
+            row += [_sharing(t), str(t["k"]), str(t["index_bits"]), str(t["stored_bytes"]),
+                    f"{t['compression_ratio']:.2f}"] if t["shared"] else ["-"] * 5
         rows.append(row)
     lines = _table(headers, rows)
     weights = [t for t in info["tensors"] if t["role"] == "weight"]

@@ -1,4 +1,4 @@
-"""The report: data first. ``build`` makes a JSON-ready dict; renderers read only that dict.
+"""The report: data first. ``build`` makes a JSON-ready dict; the renderers in :mod:`axcnn.render` read only that dict.
 
 Every figure comes from a measurement or from Eq. 1 on the tensors actually written.
 """
@@ -16,8 +16,9 @@ import onnx
 from axcnn import __version__
 from axcnn.cluster import eq1_bits, index_bits
 from axcnn.model import Skipped, constant_tensors
+from axcnn.render.table import text_table as _table  # noqa: F401  (axcnn.inspect imports it from here)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def settings_dict(config, preprocess, data_path, samples: int, io) -> dict:
@@ -36,7 +37,9 @@ def _tensor_bytes(t: onnx.TensorProto) -> int:
 
 
 def build(*, model_path, output_path, settings, exploration, skipped: Sequence[Skipped], stored, final_correct,
-          out_model, original, file_bytes_before, file_bytes_after, final_check_s, total_s, providers) -> dict:
+          out_model, original, file_bytes_before, file_bytes_after, final_check_s, total_s, providers,
+          section: dict | None = None, evaluation: dict | None = None) -> dict:
+    section = dict(section or {"mode": "greedy"})
     n = exploration.samples
     stored_by_name = {s.name: s for s in stored}
     layers = []
@@ -45,15 +48,18 @@ def build(*, model_path, output_path, settings, exploration, skipped: Sequence[S
         spec, ch = d.spec, d.chosen
         st = stored_by_name[spec.name]
         bits_before += spec.weights * spec.bits
-        bits_after += eq1_bits(spec.weights, d.clustering.k, spec.bits)
+        layer_bits = eq1_bits(spec.weights, d.clustering.k, spec.bits) + d.extra_bits
+        bits_after += layer_bits
         layers.append({
             "name": spec.name, "op_type": spec.op_type, "node": spec.node, "shape": list(spec.shape),
             "dtype": spec.dtype, "bits": spec.bits, "weights": spec.weights, "unique_values": d.n_unique,
             "k": d.clustering.k, "k_clamped": d.clamped, "index_bits": index_bits(d.clustering.k),
             "inertia": d.clustering.inertia, "score": ch.score, "accuracy_loss_pp": _pp(exploration, ch.correct),
-            "compression_ratio": ch.compression_ratio, "stored_bytes": st.stored_bytes,
+            "compression_ratio": spec.weights * spec.bits / layer_bits, "stored_bytes": st.stored_bytes,
             "index_bytes": st.index_bytes, "centroid_bytes": st.centroid_bytes, "encoding": st.encoding,
-            "scoring_plan": d.plan,
+            "scoring_plan": d.plan, "granularity": "layer", "group_size": None, "vector_dim": 1, "codebooks": 1,
+            "extra_bits": d.extra_bits, "predicted_loss": d.predicted, "predicted_loss_pp": d.predicted_loss_pp,
+            "repair": None if d.repair is None else {"scale": bool(d.extra_bits), "bias": True},
             "timing": {"clustering_s": d.clustering_s, "estimate_s": d.estimate_s, "scoring_s": d.scoring_s},
             "candidates": [
                 {"k": c.k, "inertia": c.inertia, "estimate": c.estimate, "scored": c.scored, "score": c.score,
@@ -64,7 +70,13 @@ def build(*, model_path, output_path, settings, exploration, skipped: Sequence[S
         })
     reference = exploration.reference_correct / n
     final = final_correct / n
-    scoring_s = sum(d.scoring_s for d in exploration.decisions)
+    measured_on, n_measured = "selection", n
+    ver = (evaluation or {}).get("verification")
+    if ver:  # the honest figure: samples the search never saw
+        reference, final, measured_on, n_measured = ver["reference_score"], ver["final_score"], "verification", \
+            ver["samples"]
+    scoring_s = exploration.scoring_s if exploration.scoring_s is not None else sum(
+        d.scoring_s for d in exploration.decisions)
     estimate_s = sum(d.estimate_s for d in exploration.decisions)
     clustered_payload = sum(s.stored_bytes for s in stored)
     original_names = set(constant_tensors(original))
@@ -73,6 +85,10 @@ def build(*, model_path, output_path, settings, exploration, skipped: Sequence[S
         _tensor_bytes(t) for name, (t, _) in constant_tensors(out_model).items()
         if name in original_names and name not in shared_names
     )
+    repair_names = {n for d in exploration.decisions if d.affine is not None
+                    for n in (d.affine.scale, d.affine.bias)} - original_names
+    repair_bytes = sum(_tensor_bytes(t) for name, (t, _) in constant_tensors(out_model).items()
+                       if name in repair_names)
     return {
         "schema_version": SCHEMA_VERSION,
         "tool": {"name": "axcnn", "version": __version__, "providers": list(providers)},
@@ -80,7 +96,13 @@ def build(*, model_path, output_path, settings, exploration, skipped: Sequence[S
         "output": str(output_path),
         "settings": settings,
         "metric": settings["metric"],
-        "samples": n,
+        **section,
+        "evaluation": evaluation or {"selection": {
+            "samples": n, "reference_score": exploration.reference_correct / n, "final_score": final_correct / n,
+            "accuracy_loss_pp": round((exploration.reference_correct - final_correct) / n * 100, 6)},
+            "verification": None},
+        "accuracy_measured_on": measured_on,
+        "samples": n_measured,
         "reference_score": reference,
         "final_score": final,
         "accuracy_loss_pp": round((reference - final) * 100, 6),
@@ -94,11 +116,13 @@ def build(*, model_path, output_path, settings, exploration, skipped: Sequence[S
         "file_breakdown": {
             "how": "clustered_payload = raw bytes of the index and centroid tensors of shared layers; "
                    "unclustered_tensors = serialized bytes of the original constant tensors kept dense (biases, "
-                   "small or skipped weights); graph_and_decode_overhead = the rest of the written file(s): "
+                   "small or skipped weights); repair_tensors = the repair's per-channel scales and new biases; "
+                   "graph_and_decode_overhead = the rest of the written file(s): "
                    "nodes, names, decode helper constants, metadata and protobuf framing",
             "clustered_payload": clustered_payload,
             "unclustered_tensors": unclustered,
-            "graph_and_decode_overhead": file_bytes_after - clustered_payload - unclustered,
+            "repair_tensors": repair_bytes,
+            "graph_and_decode_overhead": file_bytes_after - clustered_payload - unclustered - repair_bytes,
         },
         "timing": {
             "clustering_s": sum(d.clustering_s for d in exploration.decisions),
@@ -143,64 +167,3 @@ def write_json(report: dict, path: str | os.PathLike) -> None:
 def load_json(path: str | os.PathLike) -> dict:
     with open(path) as f:
         return json.load(f)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# renderers: they read the JSON dict only
-
-
-def _fmt_shape(shape) -> str:
-    return "x".join(str(s) for s in shape)
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
-    out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-            for r in rows]
-    return out
-
-
-def render_table(rep: dict, max_rows: int = 40) -> str:
-    """A short terminal summary: one row per layer, then the totals."""
-    headers = ["layer", "op", "shape", "weights", "K", "bits", "CR", "score"]
-    rows = []
-    for layer in rep["layers"]:
-        name = layer["name"] if len(layer["name"]) <= 36 else "…" + layer["name"][-35:]
-        score = "-" if layer["score"] is None else f"{layer['score'] * 100:.2f}%"
-        rows.append([name, layer["op_type"], _fmt_shape(layer["shape"]), str(layer["weights"]),
-                     str(layer["k"]), str(layer["index_bits"]), f"{layer['compression_ratio']:.2f}", score])
-    lines = _table(headers, rows[:max_rows])
-    if len(rows) > max_rows:
-        lines.append(f"… {len(rows) - max_rows} more layers in the JSON report")
-    t = rep["timing"]
-    lines += [
-        "",
-        f"{rep['metric']}: reference {rep['reference_score'] * 100:.2f}%  final {rep['final_score'] * 100:.2f}%  "
-        f"loss {rep['accuracy_loss_pp']:.2f} pp  ({rep['samples']} samples)",
-        f"compression ratio (Eq. 1): {rep['compression_ratio']:.2f}x over {rep['weights_clustered']} weights in "
-        f"{len(rep['layers'])} layers",
-        f"file: {rep['file_bytes_before']:,} -> {rep['file_bytes_after']:,} bytes ({rep['file_ratio']:.2f}x)",
-        f"time: clustering {t['clustering_s']:.1f}s  scoring {t['scoring_s']:.1f}s "
-        f"({t['candidates_scored']} candidates, {t['cost_t_pass']:.1f} T_pass)  total {t['total_s']:.1f}s",
-    ]
-    return "\n".join(lines)
-
-
-def render_markdown(rep: dict) -> str:
-    """The same summary as a Markdown table."""
-    lines = [f"# axcnn report: {Path(rep['model']).name}", "",
-             "| layer | op | shape | weights | K | bits | CR | stored bytes | score |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    for layer in rep["layers"]:
-        score = "-" if layer["score"] is None else f"{layer['score'] * 100:.2f}%"
-        lines.append(f"| `{layer['name']}` | {layer['op_type']} | {_fmt_shape(layer['shape'])} | {layer['weights']} "
-                     f"| {layer['k']} | {layer['index_bits']} | {layer['compression_ratio']:.2f} "
-                     f"| {layer['stored_bytes']} | {score} |")
-    lines += ["", f"- {rep['metric']}: reference {rep['reference_score'] * 100:.2f}%, final "
-              f"{rep['final_score'] * 100:.2f}%, loss {rep['accuracy_loss_pp']:.2f} pp on {rep['samples']} samples",
-              f"- compression ratio (Eq. 1): {rep['compression_ratio']:.2f}x",
-              f"- file: {rep['file_bytes_before']:,} → {rep['file_bytes_after']:,} bytes "
-              f"({rep['file_ratio']:.2f}x)"]
-    return "\n".join(lines) + "\n"

@@ -287,16 +287,10 @@ def _activations(model: onnx.ModelProto, wanted: list[str], source: Plan, runner
     return feeds
 
 
-def suffix_plan(model: onnx.ModelProto, weight: str, io: IOInfo, runner: Runner, budget_bytes: int,
-                value_types: dict[str, int], sources: Sequence[Plan]) -> Plan | None:
-    """Plan that runs only the part of ``model`` after ``weight`` on cached activations, or None.
-
-    The activations at the cut are computed from the first of ``sources`` whose tensors determine them, by the part
-    of ``model`` in between: from the graph input (a full plan), or, layer after layer, from the previous layer's
-    cached activations, so that the prefix is not rerun from the input each time. A source used is consumed.
-    None when the cut saves nothing (the first layer), when a boundary tensor's type is unknown, when no source
-    reaches the cut, or when the cached activations would exceed ``budget_bytes``.
-    """
+def cut(model: onnx.ModelProto, weight: str, io: IOInfo, value_types: dict[str, int]) -> list[str] | None:
+    """The boundary of the part of ``model`` that depends on ``weight``: the data tensors its nodes read from the
+    rest of the graph (the live activations at the cut). None when the cut saves nothing (it is the graph input,
+    as for a first layer), when nothing depends on the weight, or when a boundary tensor's type is unknown."""
     graph = model.graph
     dependents = _dependents(model, weight)
     if not dependents:
@@ -318,15 +312,52 @@ def suffix_plan(model: onnx.ModelProto, weight: str, io: IOInfo, runner: Runner,
         return None
     if any(b not in value_types for b in boundary):
         return None
+    return boundary
+
+
+def suffix_model(model: onnx.ModelProto, boundary: Sequence[str], io: IOInfo,
+                 value_types: dict[str, int]) -> onnx.ModelProto | None:
+    """The nodes of ``model`` needed to compute the scored output from the ``boundary`` tensors, as a model whose
+    inputs are those tensors; None when that is the whole graph."""
     suffix_nodes = _needed_nodes(model, [io.output_name], set(boundary))
-    if len(suffix_nodes) >= len(graph.node):
+    if len(suffix_nodes) >= len(model.graph.node):
         return None
-    out_vi = [o for o in graph.output if o.name == io.output_name]
-    suffix = _submodel(
-        model, suffix_nodes,
-        [onnx.helper.make_tensor_value_info(b, value_types[b], None) for b in boundary],
-        out_vi,
-    )
+    out_vi = [o for o in model.graph.output if o.name == io.output_name]
+    return _submodel(model, suffix_nodes,
+                     [onnx.helper.make_tensor_value_info(b, value_types[b], None) for b in boundary], out_vi)
+
+
+def advance(model: onnx.ModelProto, wanted: Sequence[str], source: Plan, runner: Runner,
+            value_types: dict[str, int], budget_bytes: int | None = None) -> Plan | None:
+    """A plan (of no model) whose feeds hold ``wanted`` for the source's samples, computed from the source's feeds
+    by the part of ``model`` in between; the source is consumed. None when ``wanted`` is not reachable from the
+    source, the run fails, or the activations would exceed ``budget_bytes``."""
+    try:
+        feeds = _activations(model, list(wanted), source, runner,
+                             (1 << 62) if budget_bytes is None else budget_bytes, value_types)
+    except _Unreachable:
+        return None
+    if feeds is None:
+        return None
+    return Plan(model, onnx.TensorProto(), feeds, list(source.sizes), "activations", tuple(wanted))
+
+
+def suffix_plan(model: onnx.ModelProto, weight: str, io: IOInfo, runner: Runner, budget_bytes: int,
+                value_types: dict[str, int], sources: Sequence[Plan]) -> Plan | None:
+    """Plan that runs only the part of ``model`` after ``weight`` on cached activations, or None.
+
+    The activations at the cut are computed from the first of ``sources`` whose tensors determine them, by the part
+    of ``model`` in between: from the graph input (a full plan), or, layer after layer, from the previous layer's
+    cached activations, so that the prefix is not rerun from the input each time. A source used is consumed.
+    None when the cut saves nothing (the first layer), when a boundary tensor's type is unknown, when no source
+    reaches the cut, or when the cached activations would exceed ``budget_bytes``.
+    """
+    boundary = cut(model, weight, io, value_types)
+    if boundary is None:
+        return None
+    suffix = suffix_model(model, boundary, io, value_types)
+    if suffix is None:
+        return None
     for source in sources:
         try:
             feeds = _activations(model, boundary, source, runner, budget_bytes, value_types)
@@ -487,19 +518,36 @@ def weight_as_input(plan: Plan, runner: Runner, output: str):
     calibration subset): a weight fed as an input skips onnxruntime's weight prepacking, so outputs may differ
     from a session with the weight as a constant in the last bits; scoring always uses the latter.
     """
-    model = copy.deepcopy(plan.model)
-    match = [t for t in model.graph.initializer if t.name == plan.weight.name]
-    if not match:  # the weight sits in a Constant node
-        return lambda array: outputs_of(plan, runner, output, array)
-    tensor = match[0]
-    model.graph.initializer.remove(tensor)
-    model.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
-    sess = runner.session(model)
-    name = tensor.name
+    run = tensors_as_inputs(plan, runner, output, [plan.weight.name])
+    name = plan.weight.name
+    return lambda array: run({name: array})
 
-    def outputs(array: np.ndarray) -> np.ndarray:
-        return np.concatenate([runner.run(sess, output, {**f, name: array})[:n]
-                               for f, n in zip(plan.feeds, plan.sizes, strict=True)])
+
+def tensors_as_inputs(plan: Plan, runner: Runner, output: str, names: Sequence[str]):
+    """``outputs({name: array}) -> np.ndarray``: the plan's outputs with the named constants replaced, for many
+    candidates, by one session where they are graph inputs (see ``weight_as_input``). When one of them is held in a
+    Constant node, each call builds a session with the constants replaced instead."""
+    model = copy.deepcopy(plan.model)
+    by_name = {t.name: t for t in model.graph.initializer}
+    if any(n not in by_name for n in names):
+        def rebuild(arrays: dict[str, np.ndarray]) -> np.ndarray:
+            work = copy.deepcopy(plan.model)
+            for n, a in arrays.items():
+                weight_proto(work, n).CopyFrom(numpy_helper.from_array(np.ascontiguousarray(a), n))
+            sess = runner.session(work)
+            return np.concatenate([runner.run(sess, output, f)[:k]
+                                   for f, k in zip(plan.feeds, plan.sizes, strict=True)])
+
+        return rebuild
+    for n in names:
+        tensor = by_name[n]
+        model.graph.initializer.remove(tensor)
+        model.graph.input.append(onnx.helper.make_tensor_value_info(n, tensor.data_type, list(tensor.dims)))
+    sess = runner.session(model)
+
+    def outputs(arrays: dict[str, np.ndarray]) -> np.ndarray:
+        return np.concatenate([runner.run(sess, output, {**f, **arrays})[:k]
+                               for f, k in zip(plan.feeds, plan.sizes, strict=True)])
 
     return outputs
 
@@ -537,3 +585,59 @@ def count_all(model: onnx.ModelProto | bytes, runner: Runner, io: IOInfo, x: np.
         correct += count_correct(out, labels[start:start + len(out)], metric)
         start += len(out)
     return correct
+
+
+@dataclass(frozen=True)
+class Count:
+    correct: int
+    seen: int
+    stopped: bool  # stopped once more than ``max_wrong`` samples were wrong (only a lower bound on wrong is known)
+
+
+def count_bounded(model: onnx.ModelProto | bytes, runner: Runner, io: IOInfo, x: np.ndarray, labels: np.ndarray,
+                  metric: str, batch: int, max_wrong: int | None = None) -> Count:
+    """Correct predictions of a whole model over ``x``, stopping as soon as more than ``max_wrong`` samples are
+    wrong (exact: the model then provably has more than ``max_wrong`` errors). Order ``x`` hardest first for
+    early stops."""
+    correct = start = 0
+    for out in run_model(model, runner, io, x, batch):
+        correct += count_correct(out, labels[start:start + len(out)], metric)
+        start += len(out)
+        if max_wrong is not None and start - correct > max_wrong and start < len(x):
+            return Count(correct, start, True)
+    return Count(correct, start, False)
+
+
+def correct_mask(model: onnx.ModelProto | bytes, runner: Runner, io: IOInfo, x: np.ndarray, labels: np.ndarray,
+                 metric: str, batch: int) -> np.ndarray:
+    """Per sample: whether the model's prediction is correct (for paired comparisons of two models)."""
+    masks, start = [], 0
+    for out in run_model(model, runner, io, x, batch):
+        logits = out.reshape(len(out), -1)
+        lab = labels[start:start + len(out)]
+        if metric == "top5":
+            k = min(5, logits.shape[1])
+            top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+            masks.append(np.any(top == lab[:, None], axis=1))
+        else:
+            masks.append(np.argmax(logits, axis=1) == lab)
+        start += len(out)
+    return np.concatenate(masks) if masks else np.zeros(0, dtype=bool)
+
+
+def paired_loss(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    """Accuracy loss of ``candidate`` against ``reference`` on the same samples (boolean correct masks), in points,
+    with a 95% confidence interval from the paired differences: only samples where the two disagree carry
+    information (normal approximation on the per-sample difference)."""
+    n = len(reference)
+    if n == 0:
+        return {"samples": 0, "accuracy_loss_pp": None, "ci95_pp": None, "disagreements": 0}
+    lost = int(np.sum(reference & ~candidate))
+    gained = int(np.sum(~reference & candidate))
+    mean = (lost - gained) / n
+    var = (lost + gained) / n - mean * mean
+    half = 1.96 * np.sqrt(max(var, 0.0) / n)
+    return {"samples": n, "reference_score": float(reference.mean()), "final_score": float(candidate.mean()),
+            "accuracy_loss_pp": round(100 * mean, 6), "ci95_pp": [round(float(100 * (mean - half)), 6),
+                                                                  round(float(100 * (mean + half)), 6)],
+            "disagreements": lost + gained}

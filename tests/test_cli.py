@@ -34,7 +34,7 @@ def test_compress_writes_model_and_report(tiny_files, tmp_path):
     assert "compression ratio (Eq. 1)" in r.output and "wrote" in r.output
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
     report = json.loads(rep.read_text())
-    assert report["schema_version"] == 1 and len(report["layers"]) == 3
+    assert report["schema_version"] == 2 and len(report["layers"]) == 3
     r = _run(["report", str(rep), "--format", "markdown"])
     assert r.exit_code == 0 and r.output.startswith("# axcnn report")
 
@@ -151,3 +151,108 @@ def test_report_on_a_non_report_fails_cleanly(tmp_path):
     p.write_text("{not json")
     r = CliRunner().invoke(main, ["report", str(p)])
     assert r.exit_code == 1 and r.output.startswith("error: ")
+
+
+@pytest.fixture
+def report_file(tmp_path):
+    """A real first-round report (tiny model) written as compress writes it."""
+    from test_render import first_round_report
+
+    from axcnn.report import write_json
+
+    p = tmp_path / "m.shared.report.json"
+    write_json(first_round_report(), p)
+    return p
+
+
+@pytest.mark.parametrize("fmt,start", [("table", "layer "), ("markdown", "# axcnn report: tiny.onnx"),
+                                       ("json", "{\n  \"schema_version\": 1")])
+def test_report_prints_table_markdown_json_to_stdout(report_file, fmt, start):
+    before = sorted(report_file.parent.iterdir())
+    r = _run(["report", str(report_file), "--format", fmt])
+    assert r.exit_code == 0 and r.output.startswith(start), r.output
+    assert "w1" in r.output and sorted(report_file.parent.iterdir()) == before
+    if fmt == "json":
+        assert json.loads(r.output) == json.loads(report_file.read_text())
+
+
+def test_report_default_format_is_the_compress_table(report_file):
+    from axcnn.render.table import render_table
+
+    r = _run(["report", str(report_file)])
+    assert r.exit_code == 0 and r.output == render_table(json.loads(report_file.read_text())) + "\n"
+
+
+def test_report_html_without_output_goes_beside_the_json(report_file):
+    r = _run(["report", str(report_file), "--format", "html"])
+    target = report_file.with_name("m.shared.report.html")
+    assert r.exit_code == 0 and r.output == f"wrote {target}\n"
+    assert target.read_text().startswith("<!DOCTYPE html>")
+
+
+@pytest.mark.parametrize("fmt", ["table", "markdown", "html", "json"])
+def test_report_output_file_for_every_format(report_file, tmp_path, fmt):
+    out = tmp_path / "out" / f"r.{fmt}"
+    out.parent.mkdir()
+    r = _run(["report", str(report_file), "--format", fmt, "-o", str(out)])
+    assert r.exit_code == 0 and r.output.startswith(f"wrote {out}"), r.output
+    text = out.read_text()
+    assert "w1" in text
+    names = sorted(p.name for p in out.parent.rglob("*"))
+    if fmt == "markdown":
+        assert names == ["candidates.png", "layers.png", "r.markdown", "r_plots"]
+        for line in text.splitlines():
+            if line.startswith("!["):
+                assert (out.parent / line.split("](")[1].rstrip(")")).read_bytes().startswith(b"\x89PNG")
+    else:
+        assert names == [out.name]
+
+
+def _bad_report(case, tmp_path, report_file):
+    """(args, fragment) for one bad invocation."""
+    args = ["report", str(report_file), "--format", "html", "-o", str(tmp_path / "r.html")]
+    if case == "missing":
+        args[1] = str(tmp_path / "nope.json")
+        return args, "report file not found"
+    if case == "folder":
+        args[1] = str(tmp_path)
+        return args, "is a folder"
+    if case == "not_json":
+        (tmp_path / "bad.json").write_text("{not json")
+        args[1] = str(tmp_path / "bad.json")
+        return args, "not JSON"
+    if case == "not_a_report":
+        (tmp_path / "other.json").write_text('{"name": "something else"}')
+        args[1] = str(tmp_path / "other.json")
+        return args, "is not an axcnn report"
+    if case == "output_folder_missing":
+        args[-1] = str(tmp_path / "no" / "r.html")
+        return args, "does not exist"
+    if case == "output_is_a_folder":
+        (tmp_path / "d").mkdir()
+        args[-1] = str(tmp_path / "d")
+        return args, "it is a folder"
+    if case == "output_is_the_report":
+        args[-1] = str(report_file)
+        return args, "is the report being rendered"
+    if case == "malformed_field":
+        rep = json.loads(report_file.read_text())
+        rep["skipped"] = ["b1"]  # names where records belong
+        (tmp_path / "odd.json").write_text(json.dumps(rep))
+        args[1] = str(tmp_path / "odd.json")
+        return args, "is not a valid axcnn report (AttributeError"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["missing", "folder", "not_json", "not_a_report", "output_folder_missing",
+                                  "output_is_a_folder", "output_is_the_report", "malformed_field"])
+def test_report_bad_input_one_line_exit_1_nothing_written(case, tmp_path, report_file):
+    args, fragment = _bad_report(case, tmp_path, report_file)
+    report_before = report_file.read_bytes()
+    before = sorted(tmp_path.rglob("*"))
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1, r.output
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], r.output
+    assert "Traceback" not in r.output
+    assert sorted(tmp_path.rglob("*")) == before and report_file.read_bytes() == report_before

@@ -115,6 +115,36 @@ def test_eq1_k1_has_no_index_bits():
     assert compression_ratio(100, 1, 32) == pytest.approx(100.0)
 
 
+def test_eq1_several_codebooks():
+    # per-output-channel codebooks of a 16x8x3x3 conv, K=4, fp32: 1152 * 2 + 16 * 4 * 32 bits
+    assert eq1_bits(1152, 4, 32, codebooks=16) == 1152 * 2 + 16 * 4 * 32
+    assert compression_ratio(1152, 4, 32, codebooks=16) == pytest.approx(1152 * 32 / (2304 + 2048))
+    assert eq1_bits(1152, 4, 32, codebooks=1) == eq1_bits(1152, 4, 32)
+
+
+def test_eq1_vectors():
+    # 2-D entries: one index per pair of weights, K entries of 2 values each
+    assert eq1_bits(1152, 256, 32, vector_dim=2) == 576 * 8 + 256 * 2 * 32
+    # odd count: ceil(weights / 2) vectors by default, or the padded count when given
+    assert eq1_bits(9, 4, 8, vector_dim=2) == 5 * 2 + 4 * 2 * 8
+    assert eq1_bits(3 * 5, 4, 8, vector_dim=2, vectors=3 * 3) == 9 * 2 + 4 * 2 * 8
+    assert compression_ratio(1152, 256, 32, vector_dim=2) == pytest.approx(1152 * 32 / (4608 + 16384))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(codebooks=0), "codebooks must be >= 1"),
+        (dict(vector_dim=0), "vector_dim must be >= 1"),
+        (dict(vector_dim=2, vectors=4), r"vectors must be >= ceil\(weights / vector_dim\) = 5"),
+        (dict(codebooks=1.5), "codebooks must be an integer"),
+    ],
+)
+def test_eq1_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        eq1_bits(10, 4, 8, **kwargs)
+
+
 # ------------------------------------------------------------------------------------------------------
 # Exact backend: optimality and consistency
 # ------------------------------------------------------------------------------------------------------

@@ -1,0 +1,161 @@
+"""Budget mode (--max-loss / --target-cr) end to end on tiny in-code models: the budget is met on held-out samples
+or the run fails, the repair keeps weights shared, and --fold-bn keeps the network's function."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import tiny_cnn, tiny_data
+from onnx import TensorProto, helper, numpy_helper
+
+from axcnn import rewrite, score
+from axcnn.api import compress
+from axcnn.config import CompressConfig
+from axcnn.errors import BudgetNotMet
+
+BASE = {"kmin": 2, "kmax": 256, "min_weights": 16, "batch_size": 64, "calib": 64}
+
+
+def _files(tmp_path, n=300, seed=0, noise=0.05):
+    model = tiny_cnn(seed=seed)
+    x, y = tiny_data(model, n=n, noise=noise)
+    mp, dp = tmp_path / "m.onnx", tmp_path / "d.npz"
+    onnx.save(model, mp)
+    np.savez(dp, x=x, y=y)
+    return mp, dp, x, y
+
+
+def _outputs(path_or_model, x):
+    m = path_or_model if isinstance(path_or_model, onnx.ModelProto) else onnx.load(str(path_or_model))
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def test_max_loss_is_met_on_the_held_out_samples(tmp_path):
+    mp, dp, x, y = _files(tmp_path)
+    out = tmp_path / "o.onnx"
+    rep = compress(mp, dp, out, tmp_path / "r.json", CompressConfig(max_loss=5.0, **BASE)).report
+    assert rep["mode"] == "budget" and rep["budget"]["met"] and rep["budget"]["max_loss_pp"] == 5.0
+    ver = rep["evaluation"]["verification"]
+    assert ver["samples"] == 90 and rep["evaluation"]["selection"]["samples"] == 210
+    assert ver["accuracy_loss_pp"] <= 5.0 and ver["ci95_pp"][0] <= ver["accuracy_loss_pp"] <= ver["ci95_pp"][1]
+    assert rep["accuracy_measured_on"] == "verification" and rep["accuracy_loss_pp"] == ver["accuracy_loss_pp"]
+    # the figure is the written file's: recount it independently on the same held-out samples
+    from axcnn.api import split
+    from axcnn.data import Dataset
+
+    _, held = split(Dataset(x, y), CompressConfig(max_loss=5.0, **BASE))
+    dense = _outputs(mp, held.x).argmax(1) == held.y
+    shared = _outputs(out, held.x).argmax(1) == held.y
+    assert ver["accuracy_loss_pp"] == pytest.approx(100 * (dense.mean() - shared.mean()))
+    # every layer is in the sensitivity table, and Eq. 1 counts the repair's scale floats
+    table = rep["sensitivity"]["entries"]
+    assert {e["layer"] for e in table} == {layer["name"] for layer in rep["layers"]}
+    assert rep["eq1_bits_after"] == sum(layer["weights"] * layer["index_bits"] + layer["k"] * layer["bits"]
+                                        + layer["extra_bits"] for layer in rep["layers"])
+    assert json.loads((tmp_path / "r.json").read_text())["budget"]["met"]
+
+
+def test_repaired_layers_keep_shared_weights_and_scale_after_the_layer(tmp_path):
+    mp, dp, x, _ = _files(tmp_path)
+    out = tmp_path / "o.onnx"
+    rep = compress(mp, dp, out, None, CompressConfig(max_loss=5.0, **BASE)).report
+    written = onnx.load(str(out))
+    onnx.checker.check_model(written, full_check=True)
+    decoded = rewrite.decode(written)
+    scaled = 0
+    for layer in rep["layers"]:
+        assert len(np.unique(decoded[layer["name"]])) <= layer["k"]  # still K shared values
+        if layer["repair"] and layer["repair"]["scale"]:
+            scaled += 1
+            muls = [n for n in written.graph.node if n.op_type == "Mul" and f"{layer['name']}.axcnn_scale" in n.input]
+            assert len(muls) == 1
+            assert layer["extra_bits"] == layer["shape"][0 if layer["op_type"] != "Gemm" else 0] * layer["bits"]
+    assert scaled >= 1
+    # the file computes what the search measured: the in-memory network with the same weights
+    assert np.isfinite(_outputs(out, x[:10])).all()
+
+
+def test_budget_never_reported_met_when_verification_says_otherwise(tmp_path, monkeypatch):
+    mp, dp, _, _ = _files(tmp_path)
+    out = tmp_path / "o.onnx"
+    real = score.paired_loss
+
+    def pessimist(ref, cand):
+        r = real(ref, cand)
+        return {**r, "accuracy_loss_pp": 50.0}
+
+    monkeypatch.setattr(score, "paired_loss", pessimist)
+    with pytest.raises(BudgetNotMet, match="not met on the .* held-out verification samples"):
+        compress(mp, dp, out, tmp_path / "r.json", CompressConfig(max_loss=5.0, **BASE))
+    assert not out.exists() and not (tmp_path / "r.json").exists()
+
+
+def test_unreachable_budget_names_the_best_loss(tmp_path):
+    mp, dp, _, _ = _files(tmp_path, noise=0.0)
+    with pytest.raises(BudgetNotMet, match=r"the most accurate one found loses [0-9.]+ pp"):
+        compress(mp, dp, tmp_path / "o.onnx", None,
+                 CompressConfig(max_loss=0.0, kmin=2, kmax=2, min_weights=16, calib=64, batch_size=64))
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_target_cr_reaches_the_ratio(tmp_path):
+    mp, dp, _, _ = _files(tmp_path)
+    rep = compress(mp, dp, tmp_path / "o.onnx", None, CompressConfig(target_cr=6.0, **BASE)).report
+    assert rep["mode"] == "budget" and rep["compression_ratio"] >= 6.0
+    assert rep["evaluation"]["verification"]["samples"] > 0
+
+
+def test_target_cr_out_of_reach(tmp_path):
+    mp, dp, _, _ = _files(tmp_path)
+    with pytest.raises(BudgetNotMet, match="reaches --target-cr 40"):
+        compress(mp, dp, tmp_path / "o.onnx", None, CompressConfig(target_cr=40.0, **BASE))
+
+
+def _bn_model(seed=0):
+    rng = np.random.default_rng(seed)
+    w1 = rng.normal(0, 0.5, (8, 1, 3, 3)).astype(np.float32)
+    w2 = rng.normal(0, 0.2, (10, 8 * 8 * 8)).astype(np.float32)
+    bn = [rng.uniform(0.5, 2, 8), rng.normal(0, 0.3, 8), rng.normal(0, 0.3, 8), rng.uniform(0.5, 2, 8)]
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")] + [
+        numpy_helper.from_array(a.astype(np.float32), n) for a, n in zip(bn, ["g", "b", "m", "v"], strict=True)]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["n"]),
+             helper.make_node("Relu", ["n"], ["r"]), helper.make_node("Flatten", ["r"], ["f"]),
+             helper.make_node("Gemm", ["f", "w2"], ["logits"], transB=1)]
+    graph = helper.make_graph(nodes, "bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_fold_bn_outputs_match_the_dense_model_with_folded_weights(tmp_path):
+    """--fold-bn shares the weights the network actually multiplies by: the written model has no
+    BatchNormalization, its Conv weight holds at most K values close to the FOLDED dense weight, and it computes
+    exactly what the folded dense model computes with those shared weights put in."""
+    from axcnn.fold import fold_bn
+
+    model = _bn_model()
+    x = np.random.default_rng(1).normal(0, 1, (64, 1, 8, 8)).astype(np.float32)
+    y = _outputs(model, x).argmax(1)
+    mp, dp, out = tmp_path / "bn.onnx", tmp_path / "d.npz", tmp_path / "o.onnx"
+    onnx.save(model, mp)
+    np.savez(dp, x=x, y=y)
+    rep = compress(mp, dp, out, None, CompressConfig(fold_bn=True, kmin=16, kmax=32, filter=1.0,
+                                                     min_weights=16)).report
+    written = onnx.load(str(out))
+    assert "BatchNormalization" not in [n.op_type for n in written.graph.node]
+    decoded = rewrite.decode(written)
+    folded, records = fold_bn(model)
+    assert [r.weight for r in records] == ["w1"]
+    w1_folded = numpy_helper.to_array(next(t for t in folded.graph.initializer if t.name == "w1"))
+    k = next(layer["k"] for layer in rep["layers"] if layer["name"] == "w1")
+    assert len(np.unique(decoded["w1"])) <= k
+    assert np.abs(decoded["w1"] - w1_folded).max() < 0.1 * np.abs(w1_folded).max()
+    for t in folded.graph.initializer:
+        if t.name in decoded:
+            t.CopyFrom(numpy_helper.from_array(decoded[t.name].astype(np.float32), t.name))
+    np.testing.assert_allclose(_outputs(written, x), _outputs(folded, x), rtol=1e-5, atol=1e-5)
