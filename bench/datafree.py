@@ -21,6 +21,7 @@ Settings: ``default`` = --kmin 40 --kmax 80 --filter 0.15 (the design card's com
 
     PYTHONPATH=. python bench/datafree.py --json /tmp/datafree.json            # about 40-60 min on 2 busy cores
     PYTHONPATH=. python bench/datafree.py --models mnist_cnn_baskov --settings hard
+    PYTHONPATH=. python bench/datafree.py --models cifar10_resnet8_tiny --settings hard --runs free-mix kmax
 
 Writes nothing into the repository; compressed models go to a temporary folder removed at the end.
 """
@@ -111,6 +112,8 @@ def main() -> int:
     ap.add_argument("--models", nargs="+", default=list(MODELS))
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--generators", nargs="+", default=list(synthetic.GENERATORS), choices=synthetic.GENERATORS)
+    ap.add_argument("--runs", nargs="+", help="only these runs (e.g. free-mix kmax); K is compared with real's only "
+                    "when 'real' is among them")
     ap.add_argument("--limit", type=int, default=1000, help="samples of the real-data run (synthetic: 1000)")
     ap.add_argument("--json", type=Path, help="write every figure here")
     args = ap.parse_args()
@@ -128,6 +131,8 @@ def main() -> int:
             for sname in args.settings:
                 rows = {}
                 for name in runs_for(sname, args.generators):
+                    if args.runs and name not in args.runs:
+                        continue
                     out = Path(tmp) / f"{key}-{sname}-{name}.onnx"
                     r = one_run(name, model_path, npz, entry, SETTINGS[sname], args.limit, out)
                     pred = predictions(out, x)
@@ -137,8 +142,8 @@ def main() -> int:
                     print(f"{key:26s} {sname:7s} {name:14s} loss {r['loss_pp']:+6.2f} pp  agree "
                           f"{100 * r['agreement']:6.2f}%  CR {r['cr']:5.2f}  search {r['metric']} "
                           f"{100 * r['search_final']:6.2f}%  {r['wall_s']:6.1f}s", flush=True)
-                real = rows["real"]["ks"]
-                for r in rows.values():
+                real = rows["real"]["ks"] if "real" in rows else {}
+                for r in rows.values() if real else ():
                     diff = [abs(r["ks"][n] - k) for n, k in real.items()]
                     r["k_same"] = int(sum(d == 0 for d in diff))
                     r["k_layers"] = len(diff)
@@ -159,8 +164,9 @@ def table(results: dict) -> str:
             if sname == "original_top1":
                 continue
             for name, r in rows.items():
+                same = f"{r['k_same']}/{r['k_layers']} | {r['k_mean_abs_diff']:.2f}" if "k_same" in r else "- | -"
                 lines.append(f"| {key} | {sname} | {name} | {r['loss_pp']:+.2f} | {100 * r['agreement']:.2f}% "
-                             f"| {r['cr']:.2f} | {r['k_same']}/{r['k_layers']} | {r['k_mean_abs_diff']:.2f} |")
+                             f"| {r['cr']:.2f} | {same} |")
     return "\n".join(lines)
 
 
