@@ -7,15 +7,16 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from axcnn import __version__, affine, atomic, fold, report, rewrite, score
+from axcnn import data as data_mod
 from axcnn.config import CompressConfig
-from axcnn.data import Preprocess, load_npz, prepare, stratified_subset
+from axcnn.data import Dataset, Preprocess, stratified_subset
 from axcnn.errors import AxcnnError, BudgetNotMet
 from axcnn.executor import make_executor
 from axcnn.explore import Explorer, Progress
@@ -102,13 +103,45 @@ def _check_paths(model_path: Path, output: Path, report_path: Path | None, data_
         raise AxcnnError("the output model and the report must be different files")
 
 
-def load_data(data_path, preprocess: Preprocess, io, config: CompressConfig):
-    """The scoring data, ready to feed the model: read, preprocessed and cut to ``config.limit`` samples."""
-    x_raw, y_raw = load_npz(data_path)
-    data = prepare(x_raw, y_raw, preprocess, io.input_shape, io.input_dtype)
-    if config.limit is not None and config.limit < len(data):
-        data = data.subset(stratified_subset(data.y, config.limit, config.seed))
+def load_data(data_path, preprocess: Preprocess, io, config: CompressConfig, model_path=None) -> Dataset:
+    """The scoring data, ready to feed the model: read, preprocessed and cut to ``config.limit`` samples.
+
+    ``data_path`` is an ``.npz``, an image folder or a zoo test folder; None looks for ``test_data_set_*`` folders
+    beside ``model_path`` and, finding none, makes synthetic inputs (a data-free run; ``config.limit`` of them,
+    1000 by default). See :mod:`axcnn.data`.
+    """
+    source = data_mod.find_source(data_path, model_path)
+    data = data_mod.load(source, preprocess, io, limit=config.limit, seed=config.seed)
+    prov = data.provenance
+    if source.kind == "synthetic":
+        log.warning("no test data: neither --data nor test_data_set_* folders beside the model; running data-free "
+                    "on %d synthetic inputs, scored by agreement with the original model (accuracy is not "
+                    "measured)", len(data))
+    elif source.kind == "zoo":
+        how = "found beside the model" if source.found else "given"
+        log.warning("zoo test data %s (%d sets, %d samples) has no labels: scoring by agreement with the original "
+                    "model's top-1 (--metric agreement)", how, len(source.sets), prov.read)
+    elif not data.labelled:
+        log.warning("the test data %s has no labels: scoring by agreement with the original model's top-1 "
+                    "(--metric agreement)", data_path)
     return data
+
+
+def data_config(config: CompressConfig, data: Dataset) -> CompressConfig:
+    """The config scoring ``data`` runs with: unlabelled data is scored by agreement. Budget modes need labels."""
+    if data.labelled:
+        return config
+    if config.mode != "greedy":
+        raise AxcnnError(_BUDGET_NEEDS_LABELS + _why_unlabelled(data.provenance.source if data.provenance else None))
+    return config if config.metric == "agreement" else replace(config, metric="agreement")
+
+
+_BUDGET_NEEDS_LABELS = "--max-loss and --target-cr need labelled test data (--data with labels): "
+
+
+def _why_unlabelled(kind: str | None) -> str:
+    return {"synthetic": "this run has no test data (data-free)",
+            "zoo": "zoo test sets have no labels"}.get(kind, "the test data has no labels")
 
 
 def split(data, config: CompressConfig):
@@ -119,7 +152,8 @@ def split(data, config: CompressConfig):
         return data, None
     if n_ver >= len(data):
         raise AxcnnError(f"--holdout {config.holdout:g} leaves no samples to search with ({len(data)} in all)")
-    ver = stratified_subset(data.y, n_ver, config.seed + 7919)
+    strata = data.y if data.y is not None else np.zeros(len(data), np.int64)  # unlabelled: a plain random draw
+    ver = stratified_subset(strata, n_ver, config.seed + 7919)
     mask = np.ones(len(data), dtype=bool)
     mask[ver] = False
     return data.subset(np.flatnonzero(mask)), data.subset(ver)
@@ -138,7 +172,7 @@ def _selection_eval(explorer, final_correct: int) -> dict:
 
 def compress(
     model_path: str | os.PathLike,
-    data_path: str | os.PathLike,
+    data_path: str | os.PathLike | None = None,
     output_path: str | os.PathLike | None = None,
     report_path: str | os.PathLike | None = None,
     config: CompressConfig | None = None,
@@ -148,7 +182,11 @@ def compress(
     run_dir: str | os.PathLike | None = None,
     resume: bool = False,
 ) -> Result:
-    """Weight-share ``model_path`` using the labelled test set ``data_path`` and write the shared model.
+    """Weight-share ``model_path`` using the test data ``data_path`` and write the shared model.
+
+    ``data_path`` is an ``.npz``, an image folder or a zoo test folder; None uses the ``test_data_set_*`` folders
+    beside the model, or synthetic inputs when there are none (data-free: scored by agreement with the original
+    model, and the report says ``accuracy_measured: false``). Unlabelled data is scored by agreement.
 
     Returns the report (also written as JSON to ``report_path`` when given). Raises AxcnnError for user errors;
     the output and the report are then not written.
@@ -166,6 +204,10 @@ def compress(
     report_file = Path(report_path) if report_path is not None else None
     _check_paths(model_path, output, report_file, data_path)
 
+    if config.mode != "greedy":  # budget modes need labels; say so before reading anything
+        source = data_mod.find_source(data_path, model_path)
+        if source.kind in ("synthetic", "zoo"):
+            raise AxcnnError(_BUDGET_NEEDS_LABELS + _why_unlabelled(source.kind))
     model = load_model(model_path)
     if config.fold_bn:
         model, folded = fold.fold_bn(model)
@@ -175,7 +217,8 @@ def compress(
     if not layers:
         raise AxcnnError(f"{model_path} has no Conv/ConvTranspose/Gemm/MatMul weight with at least "
                          f"{config.min_weights} values to share")
-    data = load_data(data_path, preprocess, io, config)
+    data = load_data(data_path, preprocess, io, config, model_path)
+    config = data_config(config, data)
     selection, verification = split(data, config)
     settings = report.settings_dict(config, preprocess, data_path, len(data), io)
     skeleton = onnx.load(str(model_path), load_external_data=False)  # tensors still point at their files
@@ -186,7 +229,7 @@ def compress(
                          version=__version__)
     try:
         with Journal.open(run_dir if run_dir is not None else default_run_dir(output), run_fp, resume) as journal:
-            result = _run(model_path, model, skeleton, io, layers, skipped, selection, verification, output,
+            result = _run(model_path, model, skeleton, io, layers, skipped, data, selection, verification, output,
                           report_file, config, settings, progress, journal, t_start)
             journal.finish()
     except OSError as exc:  # a full disk, no permission: the environment, not a bug (the journal is kept)
@@ -231,14 +274,22 @@ def write_front(points, folder: Path, model: onnx.ModelProto, metadata: dict, sk
     return listing
 
 
-def _run(model_path, model, skeleton, io, layers, skipped, selection, verification, output, report_file, config,
-         settings, progress, journal, t_start) -> Result:
+def _run(model_path, model, skeleton, io, layers, skipped, data, selection, verification, output, report_file,
+         config, settings, progress, journal, t_start) -> Result:
     providers = score.select_providers(config.device)
     labels = None if config.metric == "agreement" else selection.y
     executor = make_executor(config)  # where the search's scoring tasks run; closed once the search is done
     try:
         explorer = Explorer(model, io, selection.x, labels, config, providers, progress=progress, journal=journal,
                             executor=executor)
+        data_info = data.provenance.as_dict(len(data)) if data.provenance else {"samples": len(data)}
+        if selection.reference is not None:  # zoo output_0.pb: the original model's top-1 as stored with the data
+            own = explorer.reference_outputs.reshape(len(selection), -1).argmax(axis=1)
+            same = int(np.sum(own == selection.reference))
+            data_info["stored_outputs_agree"] = same
+            if same < len(selection):
+                log.warning("the model's top-1 differs from the stored output_0.pb on %d of %d samples",
+                            len(selection) - same, len(selection))
         ver_labels = None
         if verification is not None:
             ver_labels = verification.y if config.metric != "agreement" else _agreement_labels(
@@ -301,6 +352,8 @@ def _run(model_path, model, skeleton, io, layers, skipped, selection, verificati
         section=section, evaluation=evaluation, candidates_resumed=explorer.candidates_resumed,
         executor=executor.describe(),
     )
+    rep["data"] = data_info
+    rep["accuracy_measured"] = data.labelled
     if report_file is not None:
         try:
             report.write_json(rep, report_file)

@@ -20,6 +20,8 @@ COMPRESS_EXAMPLES = """
 \b
 Examples:
   axcnn compress model.onnx --data test.npz --kmin 40 --kmax 80 --filter 0.15
+  axcnn compress model.onnx --data images/ --preset imagenet   # class subfolders of PNG/JPEG
+  axcnn compress model.onnx                  # test_data_set_* beside the model, else data-free
   axcnn compress resnet20.onnx --data cifar10.npz --scale 255 \\
       --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --limit 1000 -o resnet20.shared.onnx
   axcnn compress model.onnx --data test.npz --filter 1          # Algorithm 1: score every K
@@ -181,8 +183,11 @@ def _config_classes():
 
 @main.command(epilog=COMPRESS_EXAMPLES)
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--data", "data", required=True, type=click.Path(dir_okay=False),
-              help="Labelled test set: .npz with arrays x and y.")
+@click.option("--data", "data", type=click.Path(), metavar="PATH",
+              help="Test data: an .npz (x, and y labels if any), a folder of images (one subfolder per class, or "
+              "flat and unlabelled), or an ONNX-zoo folder (test_data_set_N/input_0.pb, output_0.pb). Unlabelled "
+              "data is scored by agreement with the original model. [default: the test_data_set_* folders beside "
+              "MODEL; with none, a data-free run on synthetic inputs, which does not measure accuracy]")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Weight-shared model to write "
               "[default: MODEL-STEM.shared.onnx in the current folder].")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False),
@@ -199,7 +204,7 @@ def _config_classes():
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or summary; errors only.")
 def compress(model, data, output, report_path, plain_scoring, output_name, run_dir, resume, verbose, quiet,
              **options):
-    """Weight-share MODEL, scoring candidates on the labelled test set --data."""
+    """Weight-share MODEL, scoring candidates on the test data --data (or data-free without it)."""
     _setup_logging(verbose, quiet)
     from pathlib import Path
 

@@ -20,12 +20,11 @@ SCHEMA_VERSION = 2
 
 
 def settings_dict(config, preprocess, data_path, samples: int, io) -> dict:
+    """The run's settings: every option (after the preset), the data path (None: no --data) and sample count."""
     s = config.as_dict()
-    s.update(
-        data=str(data_path), samples=samples, input=io.input_name, output=io.output_name,
-        scale=preprocess.scale, mean=list(preprocess.mean) if preprocess.mean else None,
-        std=list(preprocess.std) if preprocess.std else None, layout=preprocess.layout,
-    )
+    s.update(preprocess.as_dict())
+    s.update(data=None if data_path is None else str(data_path), samples=samples, input=io.input_name,
+             output=io.output_name)
     return s
 
 

@@ -141,7 +141,7 @@ def test_bad_input_one_line_error_exit_1_nothing_written(case, fragment, tiny_fi
 
 def test_usage_errors_exit_2(tiny_files):
     mp, dp = tiny_files
-    assert CliRunner().invoke(main, ["compress", str(mp)]).exit_code == 2  # --data missing
+    assert CliRunner().invoke(main, ["compress"]).exit_code == 2  # MODEL missing
     assert CliRunner().invoke(main, ["compress", str(mp), "--data", str(dp), "--bogus"]).exit_code == 2
     assert CliRunner().invoke(main, ["compress", str(mp), "--data", str(dp), "--kmin", "x"]).exit_code == 2
 

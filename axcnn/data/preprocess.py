@@ -1,42 +1,43 @@
-"""Test-set loading and preprocessing.
+"""Preprocessing: how raw test data (images) becomes model input, and the presets for the common cases.
 
-A test set is an ``.npz`` file with two arrays: ``x`` (the inputs) and ``y`` (integer class labels).
-:func:`load_npz` reads and checks it, :func:`prepare` turns it into a :class:`Dataset` that can be fed to
-the model as it is, and :func:`stratified_subset` picks a class-balanced random subset for quick scoring.
+:class:`Preprocess` holds the user's options; :meth:`Preprocess.resolved` fills what a ``preset`` sets into the
+fields the user left unset; :func:`prepare` turns an array of inputs (and labels, if any) into a :class:`Dataset`
+that can be fed to the model as it is. :func:`image_geometry` tells the image readers and the synthetic
+generator what images the model takes.
 
-This module uses numpy only; running the model is the scorer's job.
+This module uses numpy (and Pillow, lazily, to resize); running the model is the scorer's job.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import operator
-import os
-import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
+from axcnn.data.dataset import Dataset
+from axcnn.data.npz import _labels_to_int64
 from axcnn.errors import AxcnnError
-from axcnn.options import opt
+from axcnn.options import at_least, check_value, opt, option_of
 
 logger = logging.getLogger(__name__)
-
-__all__ = [
-    "LAYOUTS",
-    "Dataset",
-    "Preprocess",
-    "load_npz",
-    "parse_floats",
-    "prepare",
-    "stratified_subset",
-]
 
 LAYOUTS = ("NCHW", "NHWC")
 
 Dim = int | str | None
+
+#: What each preset sets (only the fields the user did not set; the layout is always inferred or given).
+PRESETS: dict[str, dict[str, object]] = {
+    # torchvision's ImageNet evaluation: shorter side to 256, centre 224x224 crop, ImageNet mean/std
+    "imagenet": {"resize": 256, "crop": 224, "scale": 255.0, "mean": (0.485, 0.456, 0.406),
+                 "std": (0.229, 0.224, 0.225)},
+    # CIFAR-10 training-set channel statistics; images are used at their own size (32x32)
+    "cifar": {"scale": 255.0, "mean": (0.4914, 0.4822, 0.4465), "std": (0.2470, 0.2435, 0.2616)},
+    # the usual PyTorch MNIST normalisation; images are used at their own size (28x28)
+    "mnist": {"scale": 255.0, "mean": (0.1307,), "std": (0.3081,)},
+}
 
 
 def _float_tuple(name: str, values: object, *, positive: bool) -> tuple[float, ...]:
@@ -65,11 +66,23 @@ def _float_tuple(name: str, values: object, *, positive: bool) -> tuple[float, .
 class Preprocess:
     """How to turn raw images into model input.
 
-    When any field is set, the data is read as NHWC images and converted, in this order: to float32,
-    divided by ``scale``, minus the per-channel ``mean``, divided by the per-channel ``std``, transposed
-    to ``layout`` (the model's input layout; inferred from the model input shape when None).
+    When any field is set, the data is read as NHWC images and converted, in this order: resized so the shorter
+    side is ``resize`` pixels (bilinear), centre-cropped to ``crop`` x ``crop`` (or, when only ``resize`` is set,
+    to the model's input height and width), to float32, divided by ``scale``, minus the per-channel ``mean``,
+    divided by the per-channel ``std``, transposed to ``layout`` (the model's input layout; inferred from the model
+    input shape when None). A ``preset`` sets the fields it names (see :data:`PRESETS`) that are not set here:
+    explicit values win. Image folders are always read as images, preprocessing or not.
     """
 
+    preset: str | None = opt(None, "Preprocessing preset; sets the flags below that you do not give: imagenet "
+                             "(--resize 256 --crop 224 --scale 255, ImageNet mean/std), cifar (--scale 255, CIFAR-10 "
+                             "mean/std), mnist (--scale 255 --mean 0.1307 --std 0.3081).", "choice",
+                             choices=tuple(PRESETS))
+    resize: int | None = opt(None, "Resize images so the shorter side is N pixels (bilinear), before the crop.",
+                             "int", check=at_least(1), allowed="an integer >= 1", metavar="N")
+    crop: int | None = opt(None, "Centre-crop images to N x N pixels.", "int", check=at_least(1),
+                           allowed="an integer >= 1", metavar="N",
+                           default_text="the model's input size when --resize is given")
     scale: float | None = opt(None, "Divide images by this (turns on NHWC image preprocessing).", "float",
                               allowed="a finite number > 0")
     mean: tuple[float, ...] | None = opt(None, "Per-channel mean, comma separated: m1,m2,..", "floats")
@@ -77,6 +90,9 @@ class Preprocess:
     layout: str | None = opt(None, "The model's input layout.", "choice", choices=LAYOUTS, default_text="inferred")
 
     def __post_init__(self) -> None:
+        for name in ("preset", "resize", "crop"):
+            f = next(f for f in fields(self) if f.name == name)
+            check_value(name, getattr(self, name), option_of(f))
         if self.scale is not None:
             s = self.scale
             if isinstance(s, bool) or not isinstance(s, (int, float, np.integer, np.floating)):
@@ -97,119 +113,25 @@ class Preprocess:
     @property
     def active(self) -> bool:
         """True when any preprocessing field is set (the data is then read as NHWC images)."""
-        return any(v is not None for v in (self.scale, self.mean, self.std, self.layout))
+        return any(getattr(self, f.name) is not None for f in fields(self))
 
+    @property
+    def normalises(self) -> bool:
+        """True when the pixel values are converted (scale, mean or std, after the preset)."""
+        p = self.resolved()
+        return any(v is not None for v in (p.scale, p.mean, p.std))
 
-@dataclass(frozen=True, eq=False)
-class Dataset:
-    """Model-ready inputs ``x`` (dtype of the model input) and int64 labels ``y`` of shape [n]."""
+    def resolved(self) -> Preprocess:
+        """The options in force: the preset's values in the fields left unset (the preset name is kept)."""
+        if self.preset is None:
+            return self
+        fill = {k: v for k, v in PRESETS[self.preset].items() if getattr(self, k) is None}
+        return replace(self, **fill) if fill else self
 
-    x: np.ndarray
-    y: np.ndarray
-
-    def __post_init__(self) -> None:
-        if self.y.ndim != 1:
-            raise ValueError(f"y must be 1-D, got shape {list(self.y.shape)}")
-        if self.x.ndim < 1 or len(self.x) != len(self.y):
-            raise ValueError(
-                f"x and y must have the same length, got x shape {list(self.x.shape)} and {len(self.y)} labels"
-            )
-
-    def subset(self, idx) -> Dataset:
-        """The samples at ``idx`` (an index array or a boolean mask)."""
-        idx = np.asarray(idx)
-        return Dataset(self.x[idx], self.y[idx])
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-
-# --------------------------------------------------------------------------------------------- load_npz
-
-
-def load_npz(path) -> tuple[np.ndarray, np.ndarray]:
-    """Read a test set: an ``.npz`` with arrays ``x`` (inputs) and ``y`` (integer labels).
-
-    Returns ``(x, y)`` with ``y`` as int64. Raises :class:`AxcnnError` with a one-line message when the file
-    is missing or not a valid npz, a key is missing, the lengths differ, the set is empty, the labels are
-    not non-negative integers, or ``x`` holds NaN or infinite values. Pickled (object) arrays are refused.
-    """
-    p = os.fspath(path)
-    if not os.path.exists(p):
-        raise AxcnnError(f"test data file not found: {p}")
-    if os.path.isdir(p):
-        raise AxcnnError(f"test data path is a directory, not an .npz file: {p}")
-    try:
-        with open(p, "rb") as f:
-            magic = f.read(6)
-    except OSError as e:
-        raise AxcnnError(f"cannot read test data file {p}: {e.strerror or e}") from None
-    if magic.startswith(b"\x93NUMPY"):
-        raise AxcnnError(f"{p} is a single .npy array, not an .npz file; save it with np.savez(path, x=..., y=...)")
-    if not magic.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-        raise AxcnnError(f"{p} is not a valid .npz file (not a zip archive)")
-    try:
-        with np.load(p, allow_pickle=False) as npz:
-            keys = sorted(npz.files)
-            missing = [k for k in ("x", "y") if k not in keys]
-            if missing:
-                have = ", ".join(keys) if keys else "none"
-                raise AxcnnError(
-                    f"{p} has no array {' or '.join(repr(k) for k in missing)} "
-                    f"(it has: {have}); expected arrays 'x' (inputs) and 'y' (labels)"
-                )
-            x = _read_member(npz, "x", p)
-            y = _read_member(npz, "y", p)
-    except AxcnnError:
-        raise
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as e:
-        detail = " ".join(str(e).split())
-        raise AxcnnError(f"{p} is not a valid .npz file (corrupt zip archive: {detail})") from None
-    if not isinstance(x, np.ndarray) or x.ndim == 0:
-        raise AxcnnError(f"{p}: x must be an array with one row per sample, got a scalar")
-    if not isinstance(y, np.ndarray) or y.ndim == 0:
-        raise AxcnnError(f"{p}: y must be a 1-D array of labels, got a scalar")
-    if y.ndim == 2 and y.shape[1] == 1:
-        y = y[:, 0]
-    if y.ndim != 1:
-        raise AxcnnError(f"{p}: y must be a 1-D array of class labels, got shape {list(y.shape)}")
-    if len(x) != len(y):
-        raise AxcnnError(f"{p}: x has {len(x)} samples but y has {len(y)} labels")
-    if len(x) == 0:
-        raise AxcnnError(f"{p}: the test set is empty")
-    if x.dtype.kind not in "biuf":
-        raise AxcnnError(f"{p}: x must be numeric, got dtype {x.dtype}")
-    y = _labels_to_int64(y, p)
-    if x.dtype.kind == "f" and not np.isfinite(x).all():
-        bad = int(np.count_nonzero(~np.isfinite(x)))
-        raise AxcnnError(f"{p}: x contains {bad} NaN or infinite values")
-    logger.debug("loaded %s: x %s %s, y %d labels", p, list(x.shape), x.dtype, len(y))
-    return x, y
-
-
-def _read_member(npz, key: str, p: str) -> np.ndarray:
-    try:
-        return npz[key]
-    except ValueError as e:
-        if "pickle" in str(e).lower() or "object" in str(e).lower():
-            raise AxcnnError(f"{p}: array {key!r} holds Python objects (pickle), which are not loaded") from None
-        raise AxcnnError(f"{p}: array {key!r} is not a valid .npy array ({' '.join(str(e).split())})") from None
-
-
-def _labels_to_int64(y: np.ndarray, where: str) -> np.ndarray:
-    if y.dtype.kind == "f":
-        if not np.isfinite(y).all() or not (y == np.round(y)).all():
-            raise AxcnnError(f"{where}: labels y must be integer class ids, got non-integer values (dtype {y.dtype})")
-        if (y > np.iinfo(np.int64).max).any() or (y < np.iinfo(np.int64).min).any():
-            raise AxcnnError(f"{where}: labels y are too large to be class ids")
-    elif y.dtype.kind not in "biu":
-        raise AxcnnError(f"{where}: labels y must be integer class ids, got dtype {y.dtype}")
-    elif y.dtype.kind == "u" and y.dtype.itemsize == 8 and (y > np.iinfo(np.int64).max).any():
-        raise AxcnnError(f"{where}: labels y are too large to be class ids")
-    y = y.astype(np.int64)
-    if (y < 0).any():
-        raise AxcnnError(f"{where}: labels y must be >= 0, got minimum {int(y.min())}")
-    return y
+    def as_dict(self) -> dict:
+        """JSON-ready: every field, after the preset."""
+        p = self.resolved()
+        return {f.name: list(v) if isinstance(v := getattr(p, f.name), tuple) else v for f in fields(p)}
 
 
 # ---------------------------------------------------------------------------------------------- prepare
@@ -254,14 +176,14 @@ def _infer_layout(c: int, model_shape: Sequence[Dim]) -> str | None:
 
 def prepare(
     x: np.ndarray,
-    y: np.ndarray,
+    y: np.ndarray | None,
     preprocess: Preprocess,
     input_shape: Sequence[int | str | None],
     input_dtype=np.float32,
     *,
     input_name: str | None = None,
 ) -> Dataset:
-    """Turn raw test data into a :class:`Dataset` ready to feed the model input.
+    """Turn raw test data into a :class:`Dataset` ready to feed the model input (``y`` None: unlabelled).
 
     Without preprocessing (``preprocess.active`` False) ``x`` is only cast to ``input_dtype``. Otherwise
     ``x`` is read as NHWC images (``[N,H,W]`` is one channel) and converted as described in
@@ -270,17 +192,20 @@ def prepare(
     batches of that size). ``input_name`` is only used in error messages.
     """
     x = np.asarray(x)
-    y = np.asarray(y)
     model_shape = list(input_shape)
     what = f"model input '{input_name}'" if input_name else "model input"
     model_str = f"{what} {_fmt_shape(model_shape)}"
     if x.ndim == 0:
         raise AxcnnError(f"data x must have one row per sample, got a scalar; {model_str}")
-    if y.ndim != 1 or len(y) != len(x):
-        raise AxcnnError(f"data x has {len(x)} samples but y has shape {list(y.shape)}; expected {len(x)} labels")
-    if y.dtype != np.int64:
-        y = _labels_to_int64(y, "data")
+    if y is not None:
+        y = np.asarray(y)
+        if y.ndim != 1 or len(y) != len(x):
+            raise AxcnnError(f"data x has {len(x)} samples but y has shape {list(y.shape)}; "
+                             f"expected {len(x)} labels")
+        if y.dtype != np.int64:
+            y = _labels_to_int64(y, "data")
     dtype = np.dtype(input_dtype)
+    preprocess = preprocess.resolved()
 
     if not preprocess.active:
         if not _shape_matches(x.shape, model_shape):
@@ -304,15 +229,16 @@ def prepare(
             f"preprocessing flags need a 4-D image input, but {model_str} has rank {len(model_shape)}; "
             f"preprocess the data yourself and pass it without --scale/--mean/--std/--layout"
         )
-    mean = _per_channel("--mean", preprocess.mean, c)
-    std = _per_channel("--std", preprocess.std, c)
-
     layout = preprocess.layout
     if layout is None:
         layout = _infer_layout(c, model_shape)
         if layout is None:
             raise AxcnnError(_layout_error(x.shape, model_shape, model_str))
         logger.info("inferred model input layout %s from %s", layout, _fmt_shape(model_shape))
+    if preprocess.resize is not None or preprocess.crop is not None:
+        from axcnn.data.images import resize_crop_array
+
+        x = resize_crop_array(x, preprocess.resize, crop_size(preprocess, layout, model_shape))
 
     target = _nhwc_to(layout, x.shape)
     if not _shape_matches(target, model_shape):
@@ -325,8 +251,17 @@ def prepare(
             f"data shape {_fmt_shape(target)} ({layout}, from images {_fmt_shape(x.shape)}) "
             f"does not match {model_str}; {hint}"
         )
+    return Dataset(normalise(x, preprocess, layout, dtype), y)
 
-    out = x.astype(np.float32)  # always a copy: the caller's array is never modified
+
+def normalise(images: np.ndarray, preprocess: Preprocess, layout: str, dtype=np.float32) -> np.ndarray:
+    """NHWC images -> model input: float32, ``/ scale``, ``- mean``, ``/ std`` per channel, transposed to
+    ``layout``, cast to ``dtype``. Never modifies ``images``."""
+    preprocess = preprocess.resolved()
+    c = images.shape[3]
+    mean = _per_channel("--mean", preprocess.mean, c)
+    std = _per_channel("--std", preprocess.std, c)
+    out = images.astype(np.float32)  # always a copy: the caller's array is never modified
     if preprocess.scale is not None:
         out /= np.float32(preprocess.scale)
     if mean is not None:
@@ -335,8 +270,65 @@ def prepare(
         out /= std
     if layout == "NCHW":
         out = out.transpose(0, 3, 1, 2)
-    out = np.ascontiguousarray(out, dtype=dtype)
-    return Dataset(out, y)
+    return np.ascontiguousarray(out, dtype=np.dtype(dtype))
+
+
+def crop_size(preprocess: Preprocess, layout: str, model_shape: Sequence[Dim]) -> tuple[int, int] | None:
+    """(height, width) of the centre crop: ``crop`` x ``crop``, else the model's fixed input size when ``resize``
+    is set, else None (no crop)."""
+    preprocess = preprocess.resolved()
+    if preprocess.crop is not None:
+        return preprocess.crop, preprocess.crop
+    if preprocess.resize is None or len(model_shape) != 4:
+        return None
+    h, w = (model_shape[2], model_shape[3]) if layout == "NCHW" else (model_shape[1], model_shape[2])
+    if _fixed(h) and _fixed(w):
+        return int(h), int(w)
+    return None
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The images a 4-D model input takes: its layout and its fixed height, width and channels (None: free)."""
+
+    layout: str
+    height: int | None
+    width: int | None
+    channels: int | None
+
+
+def image_geometry(preprocess: Preprocess, input_shape: Sequence[Dim],
+                   input_name: str | None = None) -> Geometry:
+    """What images the model takes, from its input shape and ``--layout``: without a layout, the channel dim is
+    the one of dims 1 and 3 that is a fixed 1, 3 or 4 (when both are, the one leaving the larger image side).
+    Raises AxcnnError when the input
+    is not 4-D or the layout cannot be told."""
+    model_shape = list(input_shape)
+    what = f"model input '{input_name}'" if input_name else "model input"
+    if len(model_shape) != 4:
+        raise AxcnnError(f"images need a 4-D model input, but {what} {_fmt_shape(model_shape)} has rank "
+                         f"{len(model_shape)}")
+    layout = preprocess.layout
+
+    def chan(d):
+        return _fixed(d) and int(d) in (1, 3, 4)
+
+    def smallest_side(dims) -> float:
+        return min(int(d) if _fixed(d) else math.inf for d in dims)
+
+    if layout is None:
+        first, last = chan(model_shape[1]), chan(model_shape[3])
+        if first and last:  # e.g. [n,1,4,4]: an image 1 pixel high is less likely than a 1-channel one
+            nchw, nhwc = smallest_side(model_shape[2:]), smallest_side(model_shape[1:3])
+            first, last = nchw > nhwc, nhwc > nchw
+        if first != last:
+            layout = "NCHW" if first else "NHWC"
+        else:
+            raise AxcnnError(f"cannot tell the channel dim of {what} {_fmt_shape(model_shape)}; "
+                             f"pass --layout NCHW or --layout NHWC")
+    dims = (model_shape[2], model_shape[3], model_shape[1]) if layout == "NCHW" else tuple(model_shape[1:])
+    h, w, c = (int(d) if _fixed(d) else None for d in dims)
+    return Geometry(layout, h, w, c)
 
 
 def _layout_error(shape: Sequence[int], model_shape: Sequence[Dim], model_str: str) -> str:
@@ -370,47 +362,6 @@ def _plain_hint(shape: Sequence[int], model_shape: Sequence[Dim]) -> str:
             if _shape_matches(_nhwc_to(layout, img), model_shape):
                 return f"if x holds NHWC images, pass --layout {layout} (plus --scale/--mean/--std as needed)"
     return "check the data or pass preprocessing flags (--scale/--mean/--std/--layout)"
-
-
-# ------------------------------------------------------------------------------------ stratified_subset
-
-
-def stratified_subset(y: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """``n`` sample indices chosen at random, stratified by label, sorted ascending.
-
-    Per-class counts are proportional to the class frequencies (largest-remainder rounding, so they sum to
-    ``n`` exactly); the samples within a class are drawn with ``np.random.default_rng(seed)``. ``n >= len(y)``
-    returns all indices. Never simply the first ``n``: test sets are often ordered by class.
-    """
-    y = np.asarray(y)
-    if y.ndim != 1:
-        raise ValueError(f"y must be 1-D, got shape {list(y.shape)}")
-    try:
-        n = operator.index(n)
-    except TypeError:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}") from None
-    if n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n}")
-    total = len(y)
-    if n >= total:
-        return np.arange(total, dtype=np.int64)
-    rng = np.random.default_rng(seed)
-    classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
-    quota = counts * n / total
-    take = np.floor(quota).astype(np.int64)
-    left = n - int(take.sum())
-    if left:
-        frac = quota - take
-        # largest remainder first; ties broken at random (seeded) rather than by class order
-        order = np.lexsort((rng.random(len(classes)), -frac))
-        take[order[:left]] += 1
-    chosen = []
-    for k in range(len(classes)):
-        if take[k]:
-            members = np.flatnonzero(inverse == k)
-            chosen.append(rng.choice(members, size=int(take[k]), replace=False))
-    idx = np.sort(np.concatenate(chosen)).astype(np.int64)
-    return idx
 
 
 # ----------------------------------------------------------------------------------------- parse_floats
