@@ -213,10 +213,7 @@ def _run(model_path, model, skeleton, io, layers, skipped, selection, verificati
         base = copy.deepcopy(model)
         for d in repaired:
             affine.apply_channel_affine(base, d.spec.name, d.repair[0], d.repair[1])
-    shared = [
-        rewrite.SharedWeight(d.spec.name, d.clustering.centroids.astype(d.spec.dtype), d.clustering.indices)
-        for d in exploration.decisions
-    ]
+    shared = [d.shared().shared_weight(d.spec.name) for d in exploration.decisions]
     metadata = {"axcnn.version": __version__, "axcnn.settings": json.dumps(settings, sort_keys=True)}
     out_model, stored = rewrite.share_weights(base, shared, metadata)
     rewrite.verify(out_model, shared)
