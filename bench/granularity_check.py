@@ -1,0 +1,204 @@
+#!/usr/bin/env python
+"""Granularity and vector sharing on the real models in ../shared/realdata: the done-when runs of issue 11 and the
+trade-off table of docs/granularity.md.
+
+Every run is the CLI exactly as a user types it (``python -m axcnn.cli compress MODEL --data X.npz --scale ..
+--granularity .. -o OUT --report OUT.json``); the written file is then checked independently of the report, as
+bench/realdata_check.py does: onnx.checker (full_check), an onnxruntime session of its own, top-1 on the FULL test
+set with its own preprocessing (per the manifest) against its own measurement of the original model, and file sizes
+on disk. Besides the whole file's ratio, the ratio over the shared tensors alone (dense bytes of the clustered
+weights / bytes of their index and centroid tensors, from the report) is set against the Eq. 1 ratio, since a
+model's unshared tensors (biases, small layers) and the graph weigh on the whole file's ratio.
+
+    PYTHONPATH=. python bench/granularity_check.py --runs done --json /tmp/gran_done.json
+    PYTHONPATH=. python bench/granularity_check.py --runs tradeoff --json /tmp/gran_tradeoff.json
+
+Exit status 1 when a done-when check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from realdata_check import DEFAULT_REALDATA, REPO, Bench, _first_line, files_bytes, git_state, preprocess, top1  # noqa: E402
+
+BASKOV, RESNET = "mnist_cnn_baskov", "cifar10_resnet20"
+LIMIT = ["--limit", "1000"]
+
+#: (model, tag, flags, checks): the done-when runs of issue 11
+DONE = [
+    (BASKOV, "channel4", ["--granularity", "channel", "--group-size", "4", "--kmin", "4", "--kmax", "8",
+                          "--filter", "0.5", *LIMIT], {"max_loss_pp": 2.0}),
+    (BASKOV, "kernel", ["--granularity", "kernel", "--kmin", "4", "--kmax", "8", "--filter", "0.5", *LIMIT],
+     {"max_loss_pp": 2.0}),
+    (RESNET, "vector2", ["--vector-dim", "2", "--kmin", "64", "--kmax", "256", "--filter", "0.05", *LIMIT],
+     {"file_over_cr": 0.9}),
+]
+
+
+def _tradeoff() -> list[tuple[str, str, list[str], dict]]:
+    runs = []
+    for model in (RESNET, BASKOV):
+        for k in (("4", "8"), ("16", "16")):
+            kr = ["--kmin", k[0], "--kmax", k[1], "--filter", "0.5", *LIMIT]
+            runs.append((model, f"layer.k{k[0]}-{k[1]}", kr, {}))
+            for g in ("1", "4", "16"):
+                runs.append((model, f"channel{g}.k{k[0]}-{k[1]}", ["--granularity", "channel", "--group-size", g,
+                                                                     *kr], {}))
+        runs.append((model, "kernel.k2-4", ["--granularity", "kernel", "--kmin", "2", "--kmax", "4", "--filter",
+                                            "0.5", *LIMIT], {}))
+        runs.append((model, "vector2.k256", ["--vector-dim", "2", "--kmin", "256", "--kmax", "256", *LIMIT], {}))
+    runs.append((BASKOV, "vector2.k64-256", ["--vector-dim", "2", "--kmin", "64", "--kmax", "256", "--filter",
+                                             "0.05", *LIMIT], {}))
+    return runs
+
+
+def run(bench: Bench, name: str, tag: str, flags: list[str], checks: dict) -> dict:
+    entry = bench.manifest["models"][name]
+    model = bench.realdata / entry["file"]
+    data = bench.realdata / bench.manifest["datasets"][entry["dataset"]]["file"]
+    out = bench.workdir / f"{name}.{tag}.onnx"
+    rep_path = bench.workdir / f"{name}.{tag}.json"
+    cmd = [sys.executable, "-m", "axcnn.cli", "compress", str(model), "--data", str(data),
+           "--scale", repr(entry["scale"]), "--mean", ",".join(map(repr, entry["mean"])),
+           "--std", ",".join(map(repr, entry["std"])), "--layout", entry["layout"], *flags,
+           "-o", str(out), "--report", str(rep_path), "-q"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    row: dict = {"model": name, "run": tag, "flags": " ".join(flags), "checks": {}, "errors": []}
+    print(f"[{dt.datetime.now():%H:%M:%S}] {name} ({tag}): compress {' '.join(flags)}", flush=True)
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=bench.workdir)
+    row["compress_wall_s"] = time.perf_counter() - t
+    row["checks"]["compress"] = proc.returncode == 0
+    if proc.returncode != 0:
+        row["errors"].append(f"compress exit {proc.returncode}: {_first_line(proc.stderr or proc.stdout)}")
+        return row
+    rep = json.loads(rep_path.read_text())
+    layers = rep["layers"]
+    dense_bytes = sum(layer["weights"] * layer["bits"] // 8 for layer in layers)
+    stored = sum(layer["stored_bytes"] for layer in layers)
+    used: dict[str, int] = {}
+    for layer in layers:
+        g = layer.get("granularity", "layer")
+        key = f"vector{layer['vector_dim']}" if layer.get("vector_dim", 1) > 1 else (
+            f"channel/{layer['group_size']}" if g == "channel" else g)
+        used[key] = used.get(key, 0) + 1
+    row.update(
+        compression_ratio=rep["compression_ratio"], layers=len(layers), skipped=[s["name"] for s in rep["skipped"]
+                                                                                 if s.get("reason") != "bias"],
+        k=sorted({layer["k"] for layer in layers}), sharing_used=used,
+        notes=sorted({layer["granularity_note"] for layer in layers if layer.get("granularity_note")}),
+        report_selection_loss_pp=rep["accuracy_loss_pp"], report_samples=rep["samples"],
+        shared_dense_bytes=dense_bytes, shared_stored_bytes=stored, shared_file_ratio=dense_bytes / stored,
+        report_total_s=rep["timing"]["total_s"],
+    )
+    try:
+        onnx.checker.check_model(str(out), full_check=True)
+        row["checks"]["checker"] = True
+    except Exception as exc:  # any checker failure is a finding
+        row["checks"]["checker"] = False
+        row["errors"].append(f"checker: {_first_line(str(exc))}")
+    orig = bench.original(name)
+    x_raw, y = bench.data(entry["dataset"])
+    try:
+        shared = top1(out, preprocess(x_raw, entry), y)
+        row["checks"]["runs"] = True
+    except Exception as exc:
+        row["checks"]["runs"] = False
+        row["errors"].append(f"onnxruntime: {_first_line(str(exc))}")
+        return row
+    row.update(original_top1=orig["top1"], shared_top1=shared, eval_samples=len(y),
+               loss_pp=(orig["top1"] - shared) * 100, bytes_before=orig["bytes"], bytes_after=files_bytes(out))
+    row["file_ratio"] = row["bytes_before"] / row["bytes_after"]
+    row["file_over_cr"] = row["file_ratio"] / rep["compression_ratio"]
+    row["shared_over_cr"] = row["shared_file_ratio"] / rep["compression_ratio"]
+    if "max_loss_pp" in checks:
+        row["checks"][f"loss<={checks['max_loss_pp']:g}pp"] = row["loss_pp"] <= checks["max_loss_pp"]
+    if "file_over_cr" in checks:
+        row["checks"][f"file>={checks['file_over_cr']:g}CR"] = row["file_over_cr"] >= checks["file_over_cr"]
+    return row
+
+
+def _f(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def table(rows: list[dict]) -> str:
+    headers = ["model", "run", "sharing used", "K", "CR (Eq.1)", "orig", "shared", "loss pp", "file x", "file/CR",
+               "shared-tensor x", "shared/CR", "wall s", "result"]
+    lines = []
+    for r in rows:
+        k = r.get("k")
+        failed = [c for c, ok in r["checks"].items() if not ok]
+        lines.append([
+            r["model"], r["run"], ",".join(f"{n} {g}" for g, n in (r.get("sharing_used") or {}).items()) or "-",
+            "-" if not k else f"{k[0]}-{k[-1]}" if len(k) > 1 else str(k[0]), _f(r.get("compression_ratio"), ".2f"),
+            _f(r.get("original_top1"), ".4f"), _f(r.get("shared_top1"), ".4f"), _f(r.get("loss_pp"), "+.2f"),
+            _f(r.get("file_ratio"), ".2f"), _f(r.get("file_over_cr"), ".2f"), _f(r.get("shared_file_ratio"), ".2f"),
+            _f(r.get("shared_over_cr"), ".2f"), _f(r.get("compress_wall_s"), ".0f"),
+            "PASS" if not failed else "FAIL: " + ",".join(failed),
+        ])
+    widths = [max(len(h), *(len(x[i]) for x in lines)) for i, h in enumerate(headers)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)), "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) if i < 3 or i == len(x) - 1 else c.rjust(w)
+                      for i, (c, w) in enumerate(zip(x, widths, strict=True))) for x in lines]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--realdata", type=Path, default=DEFAULT_REALDATA, help="folder with manifest.json")
+    ap.add_argument("--workdir", type=Path, help="keep the written models and reports here (default: a temp dir)")
+    ap.add_argument("--runs", choices=("done", "tradeoff", "all"), default="done")
+    ap.add_argument("--only", help="comma-separated run tags (model.tag or tag) to run of the chosen set")
+    ap.add_argument("--json", type=Path, help="write all measurements here")
+    args = ap.parse_args(argv)
+    if not (args.realdata / "manifest.json").is_file():
+        print(f"{args.realdata}/manifest.json not found; nothing to check", file=sys.stderr)
+        return 2
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="axcnn-granularity-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    bench = Bench(args.realdata, workdir.resolve())
+    runs = (DONE if args.runs in ("done", "all") else []) + (_tradeoff() if args.runs in ("tradeoff", "all") else [])
+    if args.only:
+        wanted = set(args.only.split(","))
+        runs = [r for r in runs if r[1] in wanted or f"{r[0]}.{r[1]}" in wanted]
+    started = dt.datetime.now().astimezone()
+    print(f"axcnn at {git_state()}, {started:%Y-%m-%d %H:%M %Z}", flush=True)
+    t0 = time.perf_counter()
+    rows = []
+    for name, tag, flags, checks in runs:
+        rows.append(run(bench, name, tag, flags, checks))
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+    print()
+    print(table(rows))
+    for r in rows:
+        for e in r["errors"] + [f"note: {n}" for n in r.get("notes", [])]:
+            print(f"  {r['model']} ({r['run']}): {e}")
+    failed = [(r["model"], r["run"], c) for r in rows for c, ok in r["checks"].items() if not ok]
+    total_s = time.perf_counter() - t0
+    print(f"\n{len(rows)} runs, {len(failed)} failed checks, {total_s / 60:.1f} min")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "date": started.isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+            "commit": git_state(), "total_s": total_s, "rows": rows, "failed": failed}, indent=2, default=str))
+    if args.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
