@@ -151,6 +151,8 @@ class Explorer:
         t0 = time.perf_counter()
         table = cluster_layer(spec, Sharing.of(cfg), cfg.kmin, cfg.kmax, backend=cfg.kmeans, seed=cfg.seed,
                               device=cfg.device)
+        if table.layout.note:  # the user asked for a sharing this layer cannot have
+            log.warning("%s: %s", spec.name, table.layout.note)
         ks = [k for k in table.ks if table.compression_ratio(k) > 1.0]
         clustering_s = time.perf_counter() - t0
         if not ks:

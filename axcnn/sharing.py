@@ -369,8 +369,8 @@ def cluster_layer(spec: LayerSpec, sharing: Sharing, kmin: int, kmax: int, *, we
     Layer granularity is :func:`~axcnn.cluster.cluster_range` with ``backend``, ``seed`` and ``device``, exactly;
     channel and kernel granularities solve every group exactly (:func:`~axcnn.cluster.cluster_groups`); vectors
     run Lloyd's k-means from a seeded k-means++ (:func:`~axcnn.cluster.cluster_vectors`). ``weights``: optional
-    per-weight importance of the weight's shape, passed through. When the sharing falls back, the reason is logged
-    (info) and kept in ``table.layout.note``.
+    per-weight importance of the weight's shape, passed through. When the sharing falls back, the reason is kept in
+    ``table.layout.note`` (and logged at debug level: the caller says it to the user as it sees fit).
 
     Raises ValueError for a bad range, backend or weights, or a backend other than ``exact`` with a sharing that
     is not one scalar codebook per layer.
@@ -380,7 +380,7 @@ def cluster_layer(spec: LayerSpec, sharing: Sharing, kmin: int, kmax: int, *, we
         raise ValueError(f"kmin={kmin}, kmax={kmax} is invalid: allowed 1 <= kmin <= kmax")
     layout = layer_sharing(spec, sharing)
     if layout.note:
-        log.info("%s: %s", spec.name, layout.note)
+        log.debug("%s: %s", spec.name, layout.note)
     s = layout.sharing
     if s == LAYER:
         t = cluster_range(spec.array, kmin, kmax, weights=weights, backend=backend, seed=seed, device=device)

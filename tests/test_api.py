@@ -278,7 +278,7 @@ def test_compress_shares_as_configured(name, tmp_path):
     assert {n: t["eq1_bits"] for n, t in info.items()} == {la["name"]: la["eq1_bits"] for la in rep["layers"]}
 
 
-def test_a_kernel_run_skips_a_layer_no_k_makes_smaller_and_says_how_it_was_shared(tmp_path):
+def test_a_kernel_run_skips_a_layer_no_k_makes_smaller_and_says_how_it_was_shared(tmp_path, caplog):
     model = tiny_cnn(seed=5)
     x, y = tiny_data(model, n=64)
     onnx.save(model, tmp_path / "m.onnx")
@@ -289,3 +289,5 @@ def test_a_kernel_run_skips_a_layer_no_k_makes_smaller_and_says_how_it_was_share
     assert [layer["name"] for layer in rep["layers"]] == ["w3"]
     reasons = {s["name"]: s["reason"] for s in rep["skipped"]}
     assert "makes its 72 weights smaller shared as kernel" in reasons["w1"]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(m.startswith("w3: kernel granularity needs a weight of rank >= 3") for m in warned), warned
