@@ -17,6 +17,7 @@ from axcnn import __version__, affine, fold, report, rewrite, score
 from axcnn.config import CompressConfig
 from axcnn.data import Preprocess, load_npz, prepare, stratified_subset
 from axcnn.errors import AxcnnError, BudgetNotMet
+from axcnn.executor import make_executor
 from axcnn.explore import Explorer, Progress
 from axcnn.journal import Journal, fingerprint
 from axcnn.model import inventory, io_info, load_model, uses_external_data
@@ -31,6 +32,10 @@ class Result:
     output_path: Path
     report_path: Path | None
     report: dict = field(repr=False)
+
+
+#: settings the results do not depend on: a run stopped on one executor resumes on another
+_NOT_IN_FINGERPRINT = ("data", "executor", "ray_address")
 
 
 def default_output(model_path: str | os.PathLike) -> Path:
@@ -176,7 +181,8 @@ def compress(
     # the journal's fingerprint: what the results depend on (the data by content, not by path)
     run_fp = fingerprint(model_files=model_files(model_path, skeleton),
                          arrays=(data.x, None if config.metric == "agreement" else data.y),
-                         settings={k: v for k, v in settings.items() if k != "data"}, version=__version__)
+                         settings={k: v for k, v in settings.items() if k not in _NOT_IN_FINGERPRINT},
+                         version=__version__)
     try:
         with Journal.open(run_dir if run_dir is not None else default_run_dir(output), run_fp, resume) as journal:
             result = _run(model_path, model, skeleton, io, layers, skipped, selection, verification, output,
@@ -192,17 +198,22 @@ def _run(model_path, model, skeleton, io, layers, skipped, selection, verificati
          settings, progress, journal, t_start) -> Result:
     providers = score.select_providers(config.device)
     labels = None if config.metric == "agreement" else selection.y
-    explorer = Explorer(model, io, selection.x, labels, config, providers, progress=progress, journal=journal)
-    ver_labels = None
-    if verification is not None:
-        ver_labels = verification.y if config.metric != "agreement" else _agreement_labels(
-            model, explorer.runner, io, verification.x, config.batch_size)
-    if config.mode == "greedy":
-        exploration = greedy(explorer, layers)
-        section: dict = {"mode": "greedy"}
-    else:
-        exploration, section = run_budget(explorer, layers, config,
-                                          None if verification is None else (verification.x, ver_labels), progress)
+    executor = make_executor(config)  # where the search's scoring tasks run; closed once the search is done
+    try:
+        explorer = Explorer(model, io, selection.x, labels, config, providers, progress=progress, journal=journal,
+                            executor=executor)
+        ver_labels = None
+        if verification is not None:
+            ver_labels = verification.y if config.metric != "agreement" else _agreement_labels(
+                model, explorer.runner, io, verification.x, config.batch_size)
+        if config.mode == "greedy":
+            exploration = greedy(explorer, layers)
+            section: dict = {"mode": "greedy"}
+        else:
+            exploration, section = run_budget(explorer, layers, config, None if verification is None else (
+                verification.x, ver_labels), progress)
+    finally:
+        executor.close()
     if not exploration.decisions:
         raise AxcnnError("no layer could be shared: " + "; ".join(f"{n}: {r}" for n, r in exploration.skipped))
 
@@ -254,6 +265,7 @@ def _run(model_path, model, skeleton, io, layers, skipped, selection, verificati
         file_bytes_before=file_bytes_before, file_bytes_after=file_bytes_after,
         final_check_s=final_s, total_s=time.perf_counter() - t_start, providers=providers,
         section=section, evaluation=evaluation, candidates_resumed=explorer.candidates_resumed,
+        executor=executor.describe(),
     )
     if report_file is not None:
         try:

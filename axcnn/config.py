@@ -25,6 +25,7 @@ ESTIMATORS = ("inertia", "kl")
 METRICS = ("top1", "top5", "agreement")
 KMEANS_BACKENDS = ("exact", "faiss", "sklearn")
 DEVICES = ("auto", "cpu", "cuda")
+EXECUTORS = ("local", "ray")
 REPAIRS = ("none", "bias", "scale")
 WEIGHTINGS = ("none", "input")
 ASSIGNS = ("nearest", "gptq")
@@ -73,6 +74,12 @@ class CompressConfig:
                              "activations.", "bool", cli=False)
     early_stop: bool = opt(True, "Race candidates best-first over hardest-first samples, stopping each once it "
                            "provably cannot win.", "bool", cli=False)
+    executor: str = opt("local", "Where candidates are scored: in this process, or as tasks on a Ray cluster "
+                        "(pip install 'axcnn[ray]'); the choices are the same either way.", "choice",
+                        choices=EXECUTORS)
+    ray_address: str | None = opt(None, "The Ray cluster to score on (HOST:PORT, ray://HOST:PORT or auto); implies "
+                                  "--executor ray. Default: start a local Ray, as ray.init() does.", "str",
+                                  metavar="ADDRESS")
     # -- budget modes -------------------------------------------------------------------------------------------
     max_loss: float | None = opt(None, "Budget mode: the smallest model (largest Eq. 1 ratio) whose top-1 loss on "
                                  "held-out verification samples is at most PP points.", "float", check=at_least(0),
@@ -110,6 +117,8 @@ class CompressConfig:
         validate(self)
         if self.kmin > self.kmax:
             raise ValueError(f"kmin={self.kmin!r} is invalid: allowed at most kmax ({self.kmax})")
+        if self.ray_address is not None:  # an address is only for Ray: giving one asks for it
+            object.__setattr__(self, "executor", "ray")
         if self.max_loss is not None and self.target_cr is not None:
             raise ValueError(f"target_cr={self.target_cr!r} is invalid: allowed None when max_loss is set "
                              "(give one budget)")

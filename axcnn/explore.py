@@ -22,6 +22,7 @@ from axcnn import estimate, score
 from axcnn.cluster import Clustering
 from axcnn.config import CompressConfig
 from axcnn.errors import AxcnnError
+from axcnn.executor import Executor, LocalExecutor
 from axcnn.model import IOInfo, LayerSpec
 from axcnn.sharing import SharedClustering, Sharing, as_shared, cluster_layer
 
@@ -95,10 +96,12 @@ class Explorer:
 
     def __init__(self, model: onnx.ModelProto, io: IOInfo, x: np.ndarray, labels: np.ndarray | None,
                  config: CompressConfig, providers: list[str], calib_idx: np.ndarray | None = None,
-                 progress: Progress | None = None, journal: Journal | None = None):
+                 progress: Progress | None = None, journal: Journal | None = None,
+                 executor: Executor | None = None):
         self.config = config
         self.journal = journal  # scored candidates and fixed layers are recorded there, and taken from it on resume
         self.candidates_resumed = 0  # scored candidates taken from the journal instead of being scored
+        self.executor = executor or LocalExecutor()  # where candidates are scored (see axcnn.executor)
         self.io = io
         self.runner = score.Runner(providers)
         self.current = score.working_copy(model)
@@ -193,13 +196,10 @@ class Explorer:
         for k, out in known.items():
             self.progress("candidate", k=k, stopped_early=out.stopped_early)
         if cfg.early_stop:
-            outcomes = score.best_first(plan, self.runner, output, arrays, self._y, cfg.metric, done,
-                                        lead=min(len(self._y) - self.reference_correct, len(self._y) // 2))
+            outcomes = self.executor.race(plan, self.runner, output, arrays, self._y, cfg.metric, done,
+                                          lead=min(len(self._y) - self.reference_correct, len(self._y) // 2))
         else:
-            outcomes = {}
-            for k in arrays:
-                outcomes[k] = score.evaluate(plan, self.runner, output, arrays[k], self._y, cfg.metric)
-                done(k, outcomes[k])
+            outcomes = self.executor.score_all(plan, self.runner, output, arrays, self._y, cfg.metric, done)
         outcomes.update(known)  # the race ran without them; the winner is the best over both (score.wins)
         results: dict[int, Candidate] = {}
         best: Candidate | None = None

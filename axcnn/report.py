@@ -37,9 +37,11 @@ def _tensor_bytes(t: onnx.TensorProto) -> int:
 
 def build(*, model_path, output_path, settings, exploration, skipped: Sequence[Skipped], stored, final_correct,
           out_model, original, file_bytes_before, file_bytes_after, final_check_s, total_s, providers,
-          section: dict | None = None, evaluation: dict | None = None, candidates_resumed: int = 0) -> dict:
+          section: dict | None = None, evaluation: dict | None = None, candidates_resumed: int = 0,
+          executor: dict | None = None) -> dict:
     """The report of one run. ``candidates_resumed``: scored candidates taken from the journal of an earlier,
-    stopped invocation (timing.candidates_scored counts only those this invocation scored)."""
+    stopped invocation (timing.candidates_scored counts only those this invocation scored). ``executor``: where
+    the search's scoring tasks ran (``Executor.describe()``)."""
     section = dict(section or {"mode": "greedy"})
     n = exploration.samples
     stored_by_name = {s.name: s for s in stored}
@@ -95,7 +97,8 @@ def build(*, model_path, output_path, settings, exploration, skipped: Sequence[S
                        if name in repair_names)
     return {
         "schema_version": SCHEMA_VERSION,
-        "tool": {"name": "axcnn", "version": __version__, "providers": list(providers)},
+        "tool": {"name": "axcnn", "version": __version__, "providers": list(providers),
+                 "executor": executor or {"name": "local"}},  # where the search's scoring tasks ran
         "model": str(model_path),
         "output": str(output_path),
         "settings": settings,

@@ -233,7 +233,7 @@ class _Unreachable(Exception):
 
 
 def _activations(model: onnx.ModelProto, wanted: list[str], source: Plan, runner: Runner, budget_bytes: int,
-                 types: dict[str, int]) -> list[dict[str, np.ndarray]] | None:
+                 types: dict[str, int], consume: bool = True) -> list[dict[str, np.ndarray]] | None:
     """Feeds holding ``wanted`` for the source's samples, computed from the source's feeds by the part of ``model``
     between them. The source's feeds are released batch by batch as they are used. None when the activations
     would exceed ``budget_bytes`` or the run fails; raises _Unreachable (before touching the source) when
@@ -276,7 +276,8 @@ def _activations(model: onnx.ModelProto, wanted: list[str], source: Plan, runner
                 log.debug("prefix run failed (%s); full-network scoring", _first_line(exc))
                 return None
         new = {w: values[w] if w in values else feed[w] for w in wanted}
-        source.feeds[j] = None  # the source is consumed: keep at most one copy of each batch alive
+        if consume:
+            source.feeds[j] = None  # the source is consumed: keep at most one copy of each batch alive
         feeds.append(new)
         total += sum(v.nbytes for v in new.values())
         done += size
@@ -341,6 +342,19 @@ def advance(model: onnx.ModelProto, wanted: Sequence[str], source: Plan, runner:
     if feeds is None:
         return None
     return Plan(model, onnx.TensorProto(), feeds, list(source.sizes), "activations", tuple(wanted))
+
+
+def tensors_at(model: onnx.ModelProto, names: Sequence[str], source: Plan, runner: Runner,
+               value_types: dict[str, int]) -> dict[str, np.ndarray]:
+    """``names`` computed by ``model`` from the source's feeds, concatenated over its samples (padding dropped);
+    the source is left as it is. Raises AxcnnError when they are not reachable from the source's tensors."""
+    try:
+        feeds = _activations(model, list(names), source, runner, 1 << 62, value_types, consume=False)
+    except _Unreachable as why:
+        raise AxcnnError(f"cannot compute {', '.join(names)} from the cached activations ({why})") from None
+    if feeds is None:
+        raise AxcnnError(f"onnxruntime failed to compute {', '.join(names)} from the cached activations")
+    return {n: np.concatenate([f[n][:k] for f, k in zip(feeds, source.sizes, strict=True)]) for n in names}
 
 
 def suffix_plan(model: onnx.ModelProto, weight: str, io: IOInfo, runner: Runner, budget_bytes: int,

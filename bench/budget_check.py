@@ -108,9 +108,13 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--extra", default="", help="more compress flags, space separated")
     ap.add_argument("--json")
+    ap.add_argument("--keep", help="write the models and reports into this folder (kept) instead of a temporary one")
     args = ap.parse_args()
     rows = []
-    with tempfile.TemporaryDirectory(prefix="axcnn-budget-") as tmp:
+    if args.keep:
+        Path(args.keep).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="axcnn-budget-") as scratch:
+        tmp = args.keep or scratch
         for model in args.models:
             for mode, values in (("loss", args.budgets), ("cr", args.target_cr)):
                 for b in values:

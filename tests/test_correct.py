@@ -458,3 +458,38 @@ def test_numeric_core_imports_no_onnx():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("axis", [1, -1])
+def test_fit_outputs_matches_least_squares(seed, axis):
+    from axcnn.correct import fit_outputs
+
+    rng = np.random.default_rng(seed)
+    shape = (7, 5, 4, 3) if axis == 1 else (40, 5)
+    y = rng.normal(0, 1, shape)
+    z = 0.8 * y + rng.normal(0, 0.3, shape) + 0.2
+    b = rng.normal(0, 0.1, 5)
+    fit = fit_outputs(z, y, axis, b)
+    zc = np.moveaxis(z, axis, 0).reshape(5, -1)
+    yc = np.moveaxis(y, axis, 0).reshape(5, -1)
+    for c in range(5):
+        a = np.stack([zc[c], np.ones(zc.shape[1])], axis=1)
+        (s, t), *_ = np.linalg.lstsq(a, yc[c], rcond=None)
+        assert fit.scale[c] == pytest.approx(s) and fit.bias[c] == pytest.approx(t)
+        assert fit.residual_after[c] == pytest.approx(np.sum((s * zc[c] + t - yc[c]) ** 2))
+        assert fit.residual_before[c] == pytest.approx(np.sum((zc[c] + b[c] - yc[c]) ** 2))
+    bias_only = fit_outputs(z, y, axis, scale=False)
+    assert np.all(bias_only.scale == 1.0)
+    assert np.allclose(bias_only.bias, yc.mean(1) - zc.mean(1))
+
+
+def test_fit_outputs_guards_constant_channels_and_clamps():
+    from axcnn.correct import fit_outputs
+
+    z = np.zeros((10, 2))
+    z[:, 1] = np.arange(10)
+    y = np.stack([np.arange(10.0), 100.0 * np.arange(10)], axis=1)
+    fit = fit_outputs(z, y, 1)
+    assert fit.scale[0] == 1.0 and fit.bias[0] == pytest.approx(4.5)  # z constant: bias only
+    assert fit.scale[1] == 4.0  # clamped

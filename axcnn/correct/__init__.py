@@ -25,7 +25,7 @@ dilations, groups incl. depthwise), ``"gemm"`` (weight ``[O, I]`` with ``transB=
 must be resolved to explicit ``pads`` by the caller.
 """
 
-from axcnn.correct.fit import SCALE_RANGE, ScaleBias, fit_bias, fit_scale_bias
+from axcnn.correct.fit import SCALE_RANGE, ScaleBias, fit_bias, fit_outputs, fit_scale_bias
 from axcnn.correct.geometry import OPS, LayerGeometry
 from axcnn.correct.gptq import gptq_assign
 from axcnn.correct.stats import PRECISIONS, Moments, hessian, importance, moments
@@ -38,6 +38,7 @@ __all__ = [
     "Moments",
     "ScaleBias",
     "fit_bias",
+    "fit_outputs",
     "fit_scale_bias",
     "gptq_assign",
     "hessian",

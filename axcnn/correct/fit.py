@@ -9,7 +9,7 @@ import numpy as np
 from axcnn.correct.geometry import LayerGeometry
 from axcnn.correct.stats import Moments, blas_limit, check_moments
 
-__all__ = ["SCALE_RANGE", "ScaleBias", "fit_bias", "fit_scale_bias"]
+__all__ = ["SCALE_RANGE", "ScaleBias", "fit_bias", "fit_outputs", "fit_scale_bias"]
 
 
 class ScaleBias(NamedTuple):
@@ -118,3 +118,41 @@ def _fit(m, geometry, w_dense, b_dense, w_q, lo, hi) -> ScaleBias:
     after = np.maximum(a * a * vz + 2 * a * cze + ve, 0.0)
     before = np.maximum(see, 0.0)
     return ScaleBias(scale=1.0 + a, bias=b + c, residual_before=before, residual_after=np.minimum(after, before))
+
+
+def fit_outputs(z: np.ndarray, y: np.ndarray, axis: int, b_dense: np.ndarray | None = None, *, scale: bool = True,
+                scale_range: tuple[float, float] = SCALE_RANGE) -> ScaleBias:
+    """The same per-channel least-squares fit, from the layer's outputs themselves instead of input moments.
+
+    ``z`` is the clustered layer's output without bias (on the compressed network's input), ``y`` the dense
+    layer's output with its bias (on the dense network's input), both over the same samples, with the channels on
+    ``axis``. Minimises ``sum (s_c * z_c + t_c - y_c)^2`` over every other axis; ``scale=False`` fits the bias
+    alone (``s = 1``). ``residual_before`` is that of ``z + b_dense`` (zeros for ``b_dense`` None). Guards as in
+    :func:`fit_scale_bias`. Cheaper than moments when the layer's outputs are at
+    hand: a few sums over the outputs instead of ``d x d`` Gram matrices.
+    """
+    z = np.asarray(z, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if z.shape != y.shape or z.ndim == 0:
+        raise ValueError(f"z and y must have the same non-scalar shape, got {z.shape} and {y.shape}")
+    axis = axis % z.ndim
+    lo, hi = (float(v) for v in scale_range)
+    if not (0 < lo <= 1 <= hi and np.isfinite(hi)):
+        raise ValueError(f"scale_range must satisfy 0 < low <= 1 <= high < inf, got {scale_range}")
+    zc = np.moveaxis(z, axis, 0).reshape(z.shape[axis], -1)
+    yc = np.moveaxis(y, axis, 0).reshape(y.shape[axis], -1)
+    n = zc.shape[1]
+    mz, my = zc.mean(axis=1), yc.mean(axis=1)
+    dz, dy = zc - mz[:, None], yc - my[:, None]
+    vz = np.einsum("ij,ij->i", dz, dz) / n
+    cov = np.einsum("ij,ij->i", dz, dy) / n
+    vy = np.einsum("ij,ij->i", dy, dy) / n
+    ok = vz > 1e-12 * np.maximum(np.einsum("ij,ij->i", zc, zc) / n, np.finfo(float).tiny)
+    s = np.where(ok, cov / np.where(ok, vz, 1.0), 1.0) if scale else np.ones_like(mz)
+    s = np.clip(s, lo, hi) if scale else s
+    t = my - s * mz
+    after = n * np.maximum(s * s * vz - 2 * s * cov + vy, 0.0)
+    b = np.zeros(zc.shape[0]) if b_dense is None else np.asarray(b_dense, dtype=np.float64).reshape(-1)
+    err = zc + b[:, None] - yc
+    before = np.einsum("ij,ij->i", err, err)
+    return ScaleBias(scale=s, bias=t, residual_before=before, residual_after=after)

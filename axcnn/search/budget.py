@@ -27,7 +27,7 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -44,12 +44,23 @@ from axcnn.search.sites import Site, dense_rows_bias, sites
 
 log = logging.getLogger(__name__)
 
-#: K of each index bit width whose analytic error is computed (best by inertia first) ...
+#: K of each index bit width whose analytic error is computed (best by inertia first); the best of them by the
+#: analytic error is the width's candidate
 PROBE_PER_WIDTH = 3
-#: ... and of those, how many are measured end to end (best by analytic error first)
-MEASURE_PER_WIDTH = 1
-#: a proxy below this (nats) is "lossless": wider bit widths of the layer are not measured
-NEGLIGIBLE_KL = 1e-5
+#: index bit widths measured end to end (those in range; the nearest when none is). A layer's KL is close to
+#: proportional to its analytic output error across widths (ResNet-20: the ratio varied within about 2x from 1
+#: to 7 bits), so the other widths are predicted from their analytic error with the measured ratio.
+MEASURED_WIDTHS = (3, 5)
+#: where the search of the front starts (total proxy, nats), and the factor it steps by until it brackets the
+#: budget
+START_PROXY = 0.05
+BRACKET_STEP = 4.0
+#: at most this many networks assembled and measured to find the budget's point on the front ...
+MAX_EVALS = 8
+#: ... and none once the bracket is narrower than this fraction of the size (neighbours differ by noise there)
+RESOLVE = 0.015
+#: calibration samples whose activations the sequential repair uses (the first of the calibration draw)
+REPAIR_SAMPLES = 256
 #: at most this many extra looks at the held-out samples when the verification says "over budget"
 MAX_STEP_UPS = 2
 
@@ -62,9 +73,10 @@ class Entry:
     k: int
     bits: int  # Eq. 1 bits of the layer, the repair's scale floats included
     proxy: float  # mean KL (nats) of the network output from the dense one on the calibration samples
-    loss_pp: float  # top-1 loss on the calibration samples (points), this layer alone
+    loss_pp: float | None  # top-1 loss on the calibration samples (points), this layer alone, when measured
     analytic: float  # the layer's output squared error after the repair (or inertia without input statistics)
     inertia: float
+    measured: bool = True  # False: proxy predicted from the analytic error (and loss_pp unknown)
 
 
 @dataclass
@@ -73,6 +85,8 @@ class _Layer:
     table: object  # ClusterTable
     entries: list[Entry]
     extra_bits: int  # the repair's scale floats, counted in Eq. 1
+    fits: dict = field(default_factory=dict)  # K -> the repair fitted with the dense input (table phase)
+    moments: object = None  # the dense input's statistics (table phase)
 
 
 class BudgetSearch:
@@ -103,16 +117,20 @@ class BudgetSearch:
         self.verification = verification
         self.ver_ref = None if verification is None else score.correct_mask(
             self.dense, self.runner, self.io, verification[0], verification[1], config.metric, config.batch_size)
+        self.x_rep = self.x_cal[:REPAIR_SAMPLES]  # the sequential repair's samples (a prefix of a random draw)
         self.scoring_s = 0.0
         self.passes = 0.0  # scoring work in units of one pass over the selection samples
+        self.times = {"table": 0.0, "assemble": 0.0, "measure": 0.0, "verify": 0.0}
+        self.counts = {"measured_entries": 0, "assemblies": 0}
 
     # -- calibration activations ---------------------------------------------------------------------------------
-    def _input_plan(self) -> score.Plan:
-        batches = score.input_batches(self.x_cal, self.io, self.cfg.batch_size)
+    def _input_plan(self, x: np.ndarray | None = None) -> score.Plan:
+        batches = score.input_batches(self.x_cal if x is None else x, self.io, self.cfg.batch_size)
         return score.Plan(self.dense, onnx.TensorProto(), [{self.io.input_name: c} for c, _ in batches],
                           [n for _, n in batches], "full", (self.io.input_name,))
 
-    def _chain_to(self, model: onnx.ModelProto, chain: score.Plan | None, boundary: list[str]) -> score.Plan:
+    def _chain_to(self, model: onnx.ModelProto, chain: score.Plan | None, boundary: list[str],
+                  x: np.ndarray | None = None) -> score.Plan:
         """Activations of ``model`` on the calibration samples at ``boundary``, from ``chain`` when it reaches
         them (consuming it), else from the input."""
         if chain is not None and list(chain.boundary) == list(boundary):
@@ -122,8 +140,8 @@ class BudgetSearch:
             if got is not None:
                 return got
         if list(boundary) == [self.io.input_name]:
-            return self._input_plan()
-        got = score.advance(model, boundary, self._input_plan(), self.runner, self.types)
+            return self._input_plan(x)
+        got = score.advance(model, boundary, self._input_plan(x), self.runner, self.types)
         if got is None:
             raise AxcnnError(f"cannot compute the activations at {boundary} for the budget search")
         return got
@@ -136,11 +154,25 @@ class BudgetSearch:
         return b
 
     @staticmethod
-    def _stream(plan: score.Plan, name: str) -> list[np.ndarray]:
-        return [f[name][:n] for f, n in zip(plan.feeds, plan.sizes, strict=True)]
+    def _stream(plan: score.Plan, name: str, limit: int | None = None) -> list[np.ndarray]:
+        """The tensor ``name`` batch by batch (padding dropped), over at most ``limit`` samples."""
+        out, left = [], limit if limit is not None else sum(plan.sizes)
+        for f, n in zip(plan.feeds, plan.sizes, strict=True):
+            if left <= 0:
+                break
+            out.append(f[name][:min(n, left)])
+            left -= n
+        return out
 
     # -- 1. sensitivity table ------------------------------------------------------------------------------------
     def table(self, progress) -> list[_Layer]:
+        t_table = time.perf_counter()
+        try:
+            return self._table(progress)
+        finally:
+            self.times["table"] += time.perf_counter() - t_table
+
+    def _table(self, progress) -> list[_Layer]:
         cfg = self.cfg
         out: list[_Layer] = []
         chain = None
@@ -152,7 +184,8 @@ class BudgetSearch:
             chain = self._chain_to(self.dense, chain, boundary)
             mom = None
             if site.geometry is not None:
-                mom = correct.moments(site.geometry, self._stream(chain, site.input_name), precision="float32")
+                mom = correct.moments(site.geometry, self._stream(chain, site.input_name, REPAIR_SAMPLES),
+                                      precision="float32")
             weights = correct.importance(mom, site.geometry) if (mom is not None and cfg.weighting == "input") \
                 else None
             table = cluster_range(spec.array, cfg.kmin, cfg.kmax, weights=weights, backend=cfg.kmeans,
@@ -163,22 +196,22 @@ class BudgetSearch:
             ks = [k for k in table.ks if eq1_bits(spec.weights, k, spec.bits) + extra < dense_bits]
             if not ks:
                 log.info("leaving %s dense: no K in range makes it smaller", spec.name)
-                out.append(_Layer(site, table, [], extra))
+                out.append(_Layer(site, table, [], extra, {}, mom))
                 continue
-            # the candidates to measure: per bit width, the best by inertia, then by analytic error
+            # per index bit width, the best K: a few by inertia, then the best of those by the analytic error
             by_width: dict[int, list[int]] = {}
             for k in ks:
                 by_width.setdefault(index_bits(k), []).append(k)
             analytic: dict[int, float] = {}
             fits: dict[int, correct.ScaleBias | None] = {}
-            chosen: list[int] = []
+            best: dict[int, int] = {}
             for w in sorted(by_width):
                 probe = sorted(by_width[w], key=lambda k: (table.inertia(k), k))[:PROBE_PER_WIDTH]
                 for k in probe:
                     fits[k], analytic[k] = self._fit(site, mom, table.get(k), repaired)
-                chosen += sorted(probe, key=lambda k: (analytic[k], k))[:MEASURE_PER_WIDTH]
+                best[w] = min(probe, key=lambda k: (analytic[k], k))
             t_cluster = time.perf_counter() - t0
-            # measure end to end, from few bits up, until the proxy is negligible
+            # measure a few widths end to end; predict the others from their analytic error
             t1 = time.perf_counter()
             suffix = score.suffix_model(self.dense, boundary, self.io, self.types) if boundary != [
                 self.io.input_name] else None
@@ -187,29 +220,28 @@ class BudgetSearch:
                               tuple(boundary))
             names = [spec.name] + ([site.affine.scale, site.affine.bias] if repaired else [])
             run = score.tensors_as_inputs(plan, self.runner, self.io.output_name, names)
-            entries: list[Entry] = []
-            floor = None
-            for k in sorted(chosen):
-                if floor is not None:  # more bits than a lossless width: as good, at most
-                    entries.append(Entry(spec.name, k, eq1_bits(spec.weights, k, spec.bits) + extra, floor.proxy,
-                                         floor.loss_pp, analytic[k], table.inertia(k)))
-                    continue
-                arrays = self._arrays(site, table.get(k), fits[k])
-                out_k = run(arrays)
-                kl = estimate.mean_kl(self.ref_logp, estimate.log_probs(out_k, self.kind))
+            measured: dict[int, tuple[float, float]] = {}
+            for w in _widths_to_measure(sorted(best), mom is not None):
+                k = best[w]
+                out_k = run(self._arrays(site, table.get(k), fits[k]))
+                kl = max(estimate.mean_kl(self.ref_logp, estimate.log_probs(out_k, self.kind)), 0.0)
                 loss = 100.0 * (self.ref_cal_correct - score.count_correct(out_k, self.y_cal, cfg.metric)) / len(
                     self.y_cal)
-                e = Entry(spec.name, k, eq1_bits(spec.weights, k, spec.bits) + extra, max(kl, 0.0), loss,
-                          analytic[k], table.inertia(k))
-                entries.append(e)
+                measured[w] = (kl, loss)
                 progress("candidate", k=k, stopped_early=False)
-                if kl < NEGLIGIBLE_KL:
-                    floor = e
-            measured = sum(1 for e in entries)
+            ratio = _kl_per_error(measured, best, analytic)
+            entries: list[Entry] = []
+            for w in sorted(best):
+                k = best[w]
+                kl, loss = measured.get(w, (ratio * analytic[k], None))
+                entries.append(Entry(spec.name, k, eq1_bits(spec.weights, k, spec.bits) + extra, kl, loss,
+                                     analytic[k], table.inertia(k), w in measured))
+            self.counts["measured_entries"] += len(measured)
             self.scoring_s += time.perf_counter() - t1
-            self.passes += measured * len(self.y_cal) / max(1, len(self.ex.labels))
-            log.info("%s: %d candidates measured (%.1fs clustering and fits)", spec.name, measured, t_cluster)
-            out.append(_Layer(site, table, entries, extra))
+            self.passes += len(measured) * len(self.y_cal) / max(1, len(self.ex.labels))
+            log.info("%s: %d of %d bit widths measured (%.1fs clustering and fits)", spec.name, len(measured),
+                     len(best), t_cluster)
+            out.append(_Layer(site, table, entries, extra, {k: fits[k] for k in best.values()}, mom))
         return out
 
     def _fit(self, site: Site, mom, clustering, repaired: bool):
@@ -232,10 +264,15 @@ class BudgetSearch:
         return arrays
 
     # -- 3. assembly ---------------------------------------------------------------------------------------------
-    def assemble(self, layers: list[_Layer], choice: dict[int, int]) -> tuple[onnx.ModelProto, dict]:
-        """The network with layer ``i`` clustered at K = ``choice[i]`` (layers absent stay dense), each repaired
-        with its input from the partly compressed network and its target from the dense one. Returns the model
-        and, per layer index, (clustering, fit or None)."""
+    def assemble(self, layers: list[_Layer], choice: dict[int, int], sequential: bool = True
+                 ) -> tuple[onnx.ModelProto, dict]:
+        """The network with layer ``i`` clustered at K = ``choice[i]`` (layers absent stay dense). ``sequential``:
+        each layer is repaired with its input taken from the partly compressed network and its target from the
+        dense one, so it also absorbs the error of the layers before it (fitted from the layer's actual outputs on
+        the repair samples); otherwise each layer gets the repair fitted on its own in the table phase. With
+        ``--assign gptq`` indices are chosen with error feedback on the same inputs. Returns the model and, per
+        layer index, (clustering, fit or None)."""
+        t0 = time.perf_counter()
         work = copy.deepcopy(self.dense)
         chain_c = chain_d = None
         picked: dict[int, tuple] = {}
@@ -245,34 +282,82 @@ class BudgetSearch:
             site = layer.site
             clustering = layer.table.get(choice[i])
             repaired = self.repair != "none" and site.repairable
-            fit = None
-            if repaired or self.cfg.assign == "gptq":
+            fit = layer.fits.get(choice[i]) if repaired else None
+            gptq = self.cfg.assign == "gptq" and site.geometry is not None
+            if sequential and (repaired or gptq):
                 boundary = self._boundary(site)
-                chain_c = self._chain_to(work, chain_c, boundary)
-                chain_d = self._chain_to(self.dense, chain_d, boundary)
+                chain_c = self._chain_to(work, chain_c, boundary, self.x_rep)
+                chain_d = self._chain_to(self.dense, chain_d, boundary, self.x_rep)
+            if gptq:
                 mom = correct.moments(site.geometry, self._stream(chain_c, site.input_name),
-                                      self._stream(chain_d, site.input_name), precision="float32")
-                if self.cfg.assign == "gptq":
-                    idx = correct.gptq_assign(site.spec.array, clustering.centroids, mom, site.geometry)
-                    clustering = type(clustering)(k=clustering.k, centroids=clustering.centroids, indices=idx,
-                                                  inertia=float(np.sum(
-                                                      (clustering.centroids[idx] - site.spec.array) ** 2)))
-                if repaired:
+                                      self._stream(chain_d, site.input_name), precision="float32") \
+                    if sequential else layer.moments
+                idx = correct.gptq_assign(site.spec.array, clustering.centroids, mom, site.geometry)
+                clustering = type(clustering)(k=clustering.k, centroids=clustering.centroids, indices=idx,
+                                              inertia=float(np.sum((clustering.centroids[idx] - site.spec.array) ** 2)))
+                if repaired and not sequential:
                     fn = correct.fit_scale_bias if self.repair == "scale" else correct.fit_bias
                     fit = fn(mom, site.geometry, site.spec.array, dense_rows_bias(site),
                              clustering.centroids[clustering.indices])
+            if repaired and sequential:
+                fit = self._fit_outputs(work, site, clustering, chain_c, chain_d)
             for name, arr in self._arrays(site, clustering, fit).items():
                 score.weight_proto(work, name).CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), name))
             picked[i] = (clustering, fit)
+        self.times["assemble"] += time.perf_counter() - t0
+        self.counts["assemblies"] += 1
         return work, picked
+
+    def _fit_outputs(self, work: onnx.ModelProto, site: Site, clustering, chain_c: score.Plan,
+                     chain_d: score.Plan) -> correct.ScaleBias:
+        """The repair of ``site``'s layer from its outputs: the clustered layer on the compressed network's input
+        against the dense layer on the dense network's input."""
+        node = next(n for n in work.graph.node if n.op_type == site.affine.op_type and site.spec.name in n.input[1:2])
+        linear = node.output[0]  # the layer's own output, before the repair's Mul (and MatMul's bias Add)
+        name = site.spec.name
+        dense_w = numpy_helper.to_array(score.weight_proto(work, name))
+        score.weight_proto(work, name).CopyFrom(numpy_helper.from_array(
+            np.ascontiguousarray(clustering.centroids.astype(site.spec.dtype)[clustering.indices]), name))
+        try:
+            zb = score.tensors_at(work, [linear], chain_c, self.runner, self.types)[linear]
+        finally:
+            score.weight_proto(work, name).CopyFrom(numpy_helper.from_array(dense_w, name))
+        y = score.tensors_at(self.dense, [site.affine.output], chain_d, self.runner, self.types)[site.affine.output]
+        axis = 1 if site.affine.op_type in ("Conv", "ConvTranspose") else -1
+        stored = np.zeros(site.affine.channels)
+        if site.affine.op_type != "MatMul":  # the node adds its stored bias (t / s); the template's is the dense b
+            stored = numpy_helper.to_array(score.weight_proto(work, site.affine.bias)).astype(np.float64)
+        shape = [1] * zb.ndim
+        shape[axis] = -1
+        z = zb.astype(np.float64) - stored.reshape(shape)
+        return correct.fit_outputs(z, y, axis, dense_rows_bias(site), scale=self.repair == "scale")
 
     def measure(self, model: onnx.ModelProto, max_wrong: int | None) -> score.Count:
         x, y = self.ex.samples()
         t0 = time.perf_counter()
         c = score.count_bounded(model, self.runner, self.io, x, y, self.cfg.metric, self.cfg.batch_size, max_wrong)
         self.scoring_s += time.perf_counter() - t0
+        self.times["measure"] += time.perf_counter() - t0
         self.passes += c.seen / max(1, len(y))
         return c
+
+
+def _widths_to_measure(widths: list[int], predictable: bool) -> list[int]:
+    """The bit widths measured end to end: all of them without input statistics (nothing to predict from)."""
+    if not predictable or len(widths) <= len(MEASURED_WIDTHS):
+        return widths
+    picked = []
+    for target in MEASURED_WIDTHS:
+        w = min((w for w in widths if w not in picked), key=lambda w: (abs(w - target), w))
+        picked.append(w)
+    return sorted(picked)
+
+
+def _kl_per_error(measured: dict[int, tuple[float, float]], best: dict[int, int], analytic: dict[int, float]
+                  ) -> float:
+    """The ratio KL / analytic error of a layer, as the geometric mean over its measured widths."""
+    logs = [np.log(kl / analytic[best[w]]) for w, (kl, _) in measured.items() if kl > 0 and analytic[best[w]] > 0]
+    return float(np.exp(np.mean(logs))) if logs else 0.0
 
 
 def _options(layers: list[_Layer]) -> tuple[list[int], list[list[int]], list[list[float]]]:
@@ -313,28 +398,20 @@ def run_budget(explorer: Explorer, layers: list[LayerSpec], config: CompressConf
 
     if config.max_loss is not None:
         allowed = (n - ref) + math.floor(config.max_loss / 100.0 * n + 1e-9)
-        hi = len(front) - 1
-        model, picked, c = evaluate(front[hi], None)
-        if n - c.correct > allowed:
-            raise BudgetNotMet(
-                f"no network with K in [{config.kmin}, {config.kmax}] is within --max-loss {config.max_loss:g} pp: "
-                f"the most accurate one found loses {100.0 * (ref - c.correct) / n:.2f} pp on the {n} selection "
-                "samples; raise --kmax or the budget")
-        best = (hi, model, picked, c)
-        lo = -1
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            model, picked, c = evaluate(front[mid], allowed)
-            if not c.stopped and n - c.correct <= allowed:
-                hi, best = mid, (mid, model, picked, c)
-            else:
-                lo = mid
+        best = _search_front(front, evaluate, allowed, n, ref, config)
         chosen = best
         steps = 0
         ver = _verify(search, chosen[1], verification)
         while ver is not None and ver["accuracy_loss_pp"] > config.max_loss and steps < MAX_STEP_UPS:
             steps += 1
-            nxt = min(len(front) - 1, chosen[0] + max(1, (len(front) - 1 - chosen[0]) // 3))
+            # aim the selection loss lower by the excess seen on the verification samples (the loss grows about in
+            # proportion to the total proxy here), at least 10% and at most 70% less proxy
+            sel = 100.0 * (ref - chosen[3].correct) / n
+            want = sel - (ver["accuracy_loss_pp"] - config.max_loss)
+            ratio = min(0.9, max(0.3, want / sel)) if sel > 0 else 0.5
+            logp = np.log(np.maximum([a.proxy for a in front], 1e-12))
+            nxt = int(np.argmin(np.abs(logp - (logp[chosen[0]] + np.log(ratio)))))
+            nxt = min(len(front) - 1, max(nxt, chosen[0] + 1))
             if nxt == chosen[0]:
                 break
             log.info("verification loss %.2f pp is over the budget; stepping to a more accurate point",
@@ -395,11 +472,73 @@ def run_budget(explorer: Explorer, layers: list[LayerSpec], config: CompressConf
                         for layer in tab for e in layer.entries],
         },
         "search_cost_passes": search.passes,
+        "search_times_s": dict(search.times),
+        "search_counts": dict(search.counts),
         "search_s": time.perf_counter() - t_start,
     }
     exploration = Exploration(tuple(decisions), skipped, explorer.reference_correct, n, explorer.t_pass_s,
                               "kl", final_model=model, scoring_s=search.scoring_s)
     return exploration, section
+
+
+def _search_front(front: list[Allocation], evaluate, allowed: int, n: int, ref: int, config: CompressConfig):
+    """The smallest point of the front whose selection loss is within ``allowed`` errors, found by a bracketed
+    search in log proxy (losses grow smoothly with it): start near ``START_PROXY``, step by ``BRACKET_STEP``
+    until the budget is bracketed, then interpolate (every other step bisects, so it cannot stall), at most
+    ``MAX_EVALS`` assemblies. Returns (index, model, picked, count) of the smallest feasible point measured."""
+    logp = np.log(np.maximum([a.proxy for a in front], 1e-12))  # decreasing with the index
+    last = len(front) - 1
+    stop = allowed + max(2 * (allowed - (n - ref)), n // 100)  # losses known exactly up to about 3x the budget
+    seen: dict[int, tuple] = {}
+
+    def wrong(j: int) -> int:
+        if j not in seen:
+            model, picked, c = evaluate(front[j], stop)
+            seen[j] = (model, picked, c, stop + 1 if c.stopped else n - c.correct)
+        return seen[j][3]
+
+    def index_of(lp: float) -> int:
+        return int(np.argmin(np.abs(logp - lp)))
+
+    step = np.log(BRACKET_STEP)
+    lo, hi = -1, None
+    j = index_of(np.log(START_PROXY))
+    while len(seen) < MAX_EVALS:
+        if wrong(j) <= allowed:
+            hi = j
+            if j == lo + 1:
+                break
+            j = max(lo + 1, min(j - 1, index_of(logp[j] + step)))
+        else:
+            lo = j
+            if hi is not None or j == last:
+                break
+            j = min(last, max(j + 1, index_of(logp[j] - step)))
+    if hi is None and lo != last and wrong(last) <= allowed:
+        hi = last
+    if hi is None:
+        c = seen[last][2]
+        lost = f"more than {100.0 * (stop - (n - ref)) / n:.2f}" if c.stopped else \
+            f"{100.0 * (ref - c.correct) / n:.2f}"
+        raise BudgetNotMet(
+            f"no network with K in [{config.kmin}, {config.kmax}] is within --max-loss {config.max_loss:g} pp: "
+            f"the most accurate one found loses {lost} pp on the {n} selection samples; raise --kmax or the budget")
+    bisect = False
+    while hi - lo > 1 and len(seen) < MAX_EVALS and (lo < 0 or front[hi].bits - front[lo].bits > RESOLVE *
+                                                      front[hi].bits):
+        if lo < 0 or bisect:
+            j = (lo + hi) // 2 if lo >= 0 else hi // 2
+        else:  # interpolate the budget between the two bracketing error counts, in log proxy
+            w_lo, w_hi = wrong(lo), wrong(hi)
+            frac = (w_lo - allowed) / max(w_lo - w_hi, 1e-9)
+            j = min(max(index_of(logp[lo] + frac * (logp[hi] - logp[lo])), lo + 1), hi - 1)
+        bisect = not bisect
+        if wrong(j) <= allowed:
+            hi = j
+        else:
+            lo = j
+    model, picked, c, _ = seen[hi]
+    return hi, model, picked, c
 
 
 def _verify(search: BudgetSearch, model: onnx.ModelProto, verification) -> dict | None:
@@ -410,4 +549,5 @@ def _verify(search: BudgetSearch, model: onnx.ModelProto, verification) -> dict 
     t0 = time.perf_counter()
     mask = score.correct_mask(model, search.runner, search.io, x, y, search.cfg.metric, search.cfg.batch_size)
     search.scoring_s += time.perf_counter() - t0
+    search.times["verify"] += time.perf_counter() - t0
     return score.paired_loss(ref, mask)
