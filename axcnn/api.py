@@ -247,8 +247,7 @@ def shared_model(model: onnx.ModelProto, decisions, metadata: dict) -> tuple[onn
         base = copy.deepcopy(model)
         for d in repaired:
             affine.apply_channel_affine(base, d.spec.name, d.repair[0], d.repair[1])
-    shared = [rewrite.SharedWeight(d.spec.name, d.clustering.centroids.astype(d.spec.dtype), d.clustering.indices)
-              for d in decisions]
+    shared = [d.shared().shared_weight(d.spec.name) for d in decisions]
     out_model, stored = rewrite.share_weights(base, shared, metadata)
     rewrite.verify(out_model, shared)
     return out_model, stored, shared

@@ -29,6 +29,7 @@ EXECUTORS = ("local", "ray")
 REPAIRS = ("none", "bias", "scale")
 WEIGHTINGS = ("none", "input")
 ASSIGNS = ("nearest", "gptq")
+GRANULARITIES = ("layer", "channel", "kernel")  # axcnn.sharing.GRANULARITIES (config stays import-free)
 
 #: mode -> defaults of the options whose default depends on the mode
 MODE_DEFAULTS = {
@@ -121,6 +122,15 @@ class CompressConfig:
                                 metavar="DIR")
     fold_bn: bool = opt(False, "Fold BatchNormalization and per-channel Mul/Add after a Conv/Gemm into its weight "
                         "and bias before clustering.", "bool")
+    # -- how weights share codebooks (axcnn.sharing) ------------------------------------------------------------
+    granularity: str = opt("layer", "One codebook per layer (the paper), per group of --group-size output channels, "
+                           "or per kernel (weights of rank >= 3; a Gemm/MatMul stays per layer, said in the report).",
+                           "choice", choices=GRANULARITIES)
+    group_size: int = opt(1, "Channel granularity: output channels per codebook (a last group may be smaller).",
+                          "int", check=at_least(1), allowed="an integer >= 1", metavar="G")
+    vector_dim: int = opt(1, "2: pairs of weights along the input-channel axis share a 2-D codebook entry (one "
+                          "codebook per layer); 1: scalar sharing.", "int", check=lambda v: v in (1, 2),
+                          allowed="1 or 2")
 
     def __post_init__(self) -> None:
         if (self.pick is not None or self.front_dir is not None) and self.max_loss is None \
@@ -144,6 +154,23 @@ class CompressConfig:
             name = "pick" if self.pick is not None else "front_dir"
             raise ValueError(f"{name}={getattr(self, name)!r} is invalid: allowed only in Pareto mode, not with "
                              "--max-loss or --target-cr")
+        self._check_sharing()
+
+    def _check_sharing(self) -> None:
+        if self.group_size != 1 and self.granularity != "channel":
+            raise ValueError(f"group_size={self.group_size!r} is invalid with granularity={self.granularity!r}: "
+                             "allowed 1 (groups of output channels are for granularity 'channel')")
+        if self.vector_dim != 1 and self.granularity != "layer":
+            raise ValueError(f"vector_dim={self.vector_dim!r} is invalid with granularity={self.granularity!r}: "
+                             "allowed 1 (vectors share one codebook per layer: granularity 'layer')")
+        if (self.granularity != "layer" or self.vector_dim != 1) and self.kmeans != "exact":
+            raise ValueError(f"kmeans={self.kmeans!r} is invalid with granularity={self.granularity!r}, vector_dim="
+                             f"{self.vector_dim}: allowed 'exact' (groups are solved exactly, vectors by axcnn's own "
+                             "k-means)")
+        if (self.granularity != "layer" or self.vector_dim != 1) and self.mode != "greedy":
+            raise ValueError(f"granularity={self.granularity!r}, vector_dim={self.vector_dim} is invalid with a budget "
+                             "(max_loss / target_cr): allowed granularity 'layer', vector_dim 1 (the budget search "
+                             "does not choose granularities yet)")
 
     @property
     def mode(self) -> str:

@@ -19,11 +19,12 @@ import numpy as np
 import onnx
 
 from axcnn import estimate, score
-from axcnn.cluster import Clustering, cluster_range, compression_ratio
+from axcnn.cluster import Clustering
 from axcnn.config import CompressConfig
 from axcnn.errors import AxcnnError
 from axcnn.executor import Executor, LocalExecutor
 from axcnn.model import IOInfo, LayerSpec
+from axcnn.sharing import SharedClustering, Sharing, as_shared, cluster_layer
 
 if TYPE_CHECKING:
     from axcnn.journal import Journal
@@ -57,7 +58,7 @@ class LayerDecision:
     clamped: bool
     candidates: tuple[Candidate, ...]
     chosen: Candidate
-    clustering: Clustering = field(repr=False)
+    clustering: SharedClustering | Clustering = field(repr=False)  # a plain Clustering is one codebook per layer
     plan: str  # "full" | "suffix" | "budget"
     clustering_s: float
     scoring_s: float
@@ -71,8 +72,11 @@ class LayerDecision:
 
     def dense(self) -> np.ndarray:
         """The clustered weight, in the weight's own dtype, as written to the model."""
-        c = self.clustering
-        return c.centroids.astype(self.spec.dtype)[c.indices]
+        return self.shared().dense()
+
+    def shared(self) -> SharedClustering:
+        """The clustering with how it is shared (granularity, vectors)."""
+        return as_shared(self.spec, self.clustering)
 
 
 @dataclass(frozen=True)
@@ -148,13 +152,17 @@ class Explorer:
         if self.journal is not None and (done := self.journal.decision(spec)) is not None:
             return self._replay(done, index, total)
         t0 = time.perf_counter()
-        table = cluster_range(spec.array, cfg.kmin, cfg.kmax, backend=cfg.kmeans, seed=cfg.seed, device=cfg.device)
-        ks = [k for k in table.ks if compression_ratio(spec.weights, k, spec.bits) > 1.0]
+        table = cluster_layer(spec, Sharing.of(cfg), cfg.kmin, cfg.kmax, backend=cfg.kmeans, seed=cfg.seed,
+                              device=cfg.device)
+        if table.layout.note:  # the user asked for a sharing this layer cannot have
+            log.warning("%s: %s", spec.name, table.layout.note)
+        ks = [k for k in table.ks if table.compression_ratio(k) > 1.0]
         clustering_s = time.perf_counter() - t0
         if not ks:
-            return f"no K in [{cfg.kmin}, {cfg.kmax}] makes its {spec.weights} weights smaller"
+            how = "" if table.sharing == Sharing() else f" shared as {table.sharing.describe()}"
+            return f"no K in [{cfg.kmin}, {cfg.kmax}] makes its {spec.weights} weights smaller{how}"
         if table.clamped:
-            log.info("%s has %d unique values: K clamped to %d", spec.name, table.n_unique, table.n_unique)
+            log.info("%s has %d unique values: K clamped to %d", spec.name, table.n_unique, table.ks[-1])
 
         t1 = time.perf_counter()
         plan = self._plan(spec.name)
@@ -177,7 +185,7 @@ class Explorer:
         known = {k: o for k in chosen_ks
                  if self.journal is not None and (o := self.journal.outcome(spec.name, k)) is not None}
         self.candidates_resumed += len(known)
-        arrays = {k: self._dense(spec, table.get(k)) for k in chosen_ks if k not in known}
+        arrays = {k: table.get(k).dense() for k in chosen_ks if k not in known}
         output = self.io.output_name
 
         def done(k: int, out: score.Outcome) -> None:
@@ -199,7 +207,7 @@ class Explorer:
             out = outcomes[k]
             cand = Candidate(
                 k=k, inertia=table.inertia(k), estimate=estimates[k],
-                compression_ratio=compression_ratio(spec.weights, k, spec.bits), scored=True,
+                compression_ratio=table.compression_ratio(k), scored=True,
                 correct=None if out.stopped_early else out.correct,
                 score=None if out.stopped_early else out.correct / out.total,
                 stopped_early=out.stopped_early, samples_seen=out.seen,
@@ -212,7 +220,7 @@ class Explorer:
             raise RuntimeError(f"no candidate of {spec.name} was fully scored")
         candidates = tuple(
             results.get(k) or Candidate(k=k, inertia=table.inertia(k), estimate=estimates[k],
-                                        compression_ratio=compression_ratio(spec.weights, k, spec.bits))
+                                        compression_ratio=table.compression_ratio(k))
             for k in sorted(ks)
         )
         decision = LayerDecision(spec, table.n_unique, table.clamped, candidates, best, table.get(best.k),
@@ -240,13 +248,9 @@ class Explorer:
         run = score.weight_as_input(calib, self.runner, self.io.output_name)  # one session for all K
         out = {}
         for k in ks:
-            cand = run(self._dense(spec, table.get(k)))
+            cand = run(table.get(k).dense())
             out[k] = estimate.mean_kl(self.calib_ref_logp, estimate.log_probs(cand, self.output_kind))
         return out
-
-    @staticmethod
-    def _dense(spec: LayerSpec, clustering: Clustering) -> np.ndarray:
-        return clustering.centroids.astype(spec.dtype)[clustering.indices]
 
     def _fix(self, name: str, array: np.ndarray) -> None:
         """Write the chosen clustered weight into the current network."""

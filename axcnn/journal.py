@@ -35,11 +35,11 @@ from typing import Any
 
 import numpy as np
 
-from axcnn.cluster import Clustering
 from axcnn.errors import AxcnnError
 from axcnn.explore import Candidate, LayerDecision
 from axcnn.model import LayerSpec
 from axcnn.score import Outcome
+from axcnn.sharing import LayerSharing, SharedClustering, Sharing
 
 try:  # advisory lock against two runs appending to one journal (POSIX)
     import fcntl
@@ -305,12 +305,16 @@ class Journal:
         return None if v is None else {int(k): float(e) for k, e in v}
 
     def put_decision(self, d: LayerDecision) -> None:
-        c = d.clustering
+        c = d.shared()
+        lay = c.layout
         self.put(LAYER, (d.spec.name,), {
             "shape": list(d.spec.shape), "n_unique": d.n_unique, "clamped": d.clamped, "plan": d.plan,
             "chosen": d.chosen.k, "candidates": [_candidate_dict(x) for x in d.candidates],
             "clustering": {"k": c.k, "inertia": c.inertia, "centroids": _array_dict(c.centroids),
-                           "indices": _array_dict(c.indices)},
+                           "indices": _array_dict(c.indices),
+                           "sharing": {"granularity": c.sharing.granularity, "group_size": c.sharing.group_size,
+                                       "vector_dim": c.sharing.vector_dim, "axis": lay.axis,
+                                       "vector_axis": lay.vector_axis, "note": lay.note}},
             "timing": {"clustering_s": d.clustering_s, "scoring_s": d.scoring_s, "estimate_s": d.estimate_s},
         })
 
@@ -326,7 +330,12 @@ class Journal:
         centroids, indices = _array(cl["centroids"]), _array(cl["indices"])
         centroids.setflags(write=False)
         indices.setflags(write=False)
-        clustering = Clustering(k=int(cl["k"]), centroids=centroids, indices=indices, inertia=float(cl["inertia"]))
+        sh = cl.get("sharing") or {}  # (absent: a journal written before granularities, one codebook per layer)
+        layout = LayerSharing(Sharing(sh.get("granularity", "layer"), sh.get("group_size", 1),
+                                      sh.get("vector_dim", 1)), sh.get("axis", 0), sh.get("vector_axis", 1),
+                              sh.get("note"))
+        clustering = SharedClustering(int(cl["k"]), centroids, indices, float(cl["inertia"]), layout, spec.shape,
+                                      spec.dtype)
         candidates = tuple(Candidate(**x) for x in v["candidates"])
         chosen = next(x for x in candidates if x.k == v["chosen"])
         t = v["timing"]

@@ -33,6 +33,23 @@ FLOAT_TYPES = {
 
 
 @dataclass(frozen=True)
+class Operand:
+    """How the consumer reads its weight, as far as the weight's layout depends on it (see
+    :func:`axcnn.sharing.weight_axes`).
+
+    ``position``: the consumer's input holding the weight (1: Conv/ConvTranspose W, Gemm B, MatMul B; 0: a
+    constant Gemm A or MatMul A). ``trans``: Gemm's ``transB`` (position 1) or ``transA`` (position 0).
+    ``group``: Conv/ConvTranspose ``group``. ``direct``: the stored tensor is the operand itself (possibly
+    through Identity), not reshaped or transposed on its way.
+    """
+
+    position: int = 1
+    trans: bool = False
+    group: int = 1
+    direct: bool = True
+
+
+@dataclass(frozen=True)
 class LayerSpec:
     """One shareable weight tensor."""
 
@@ -44,6 +61,7 @@ class LayerSpec:
     bits: int  # B in Eq. 1: the stored bit width
     source: str  # "initializer" | "constant" | "input-initializer"
     array: np.ndarray = field(repr=False, compare=False)
+    operand: Operand = field(default=Operand(), compare=False)
 
     @property
     def weights(self) -> int:
@@ -159,7 +177,8 @@ def inventory(model: onnx.ModelProto, min_weights: int = 64) -> tuple[list[Layer
             continue
         if not const_pos:
             continue
-        name = sources[const_pos[0]]
+        pos = const_pos[0]
+        name = sources[pos]
         if name in seen:
             continue
         tensor, source = consts[name]
@@ -184,9 +203,26 @@ def inventory(model: onnx.ModelProto, min_weights: int = 64) -> tuple[list[Layer
                 bits=FLOAT_TYPES[tensor.data_type],
                 source=source,
                 array=array,
+                operand=_operand(node, pos, node.input[pos], name, producer),
             )
         )
     return layers, skipped
+
+
+def _operand(node: onnx.NodeProto, pos: int, operand: str, source: str, producer: dict) -> Operand:
+    attrs = {a.name: a for a in node.attribute}
+
+    def int_attr(key: str, default: int) -> int:
+        return int(attrs[key].i) if key in attrs else default
+
+    trans = bool(int_attr("transB" if pos == 1 else "transA", 0)) if node.op_type == "Gemm" else False
+    group = int_attr("group", 1) if node.op_type in ("Conv", "ConvTranspose") else 1
+    direct, name = True, operand
+    while name != source:  # the pass-through ops between the constant and the operand
+        hop = producer[name]
+        direct = direct and hop.op_type == "Identity"
+        name = hop.input[0]
+    return Operand(position=pos, trans=trans, group=group, direct=direct)
 
 
 @dataclass(frozen=True)

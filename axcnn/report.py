@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import onnx
 
 from axcnn import __version__, atomic
-from axcnn.cluster import eq1_bits, index_bits
+from axcnn.cluster import index_bits
 from axcnn.model import Skipped, constant_tensors
 from axcnn.render.table import text_table as _table  # noqa: F401  (axcnn.inspect imports it from here)
 
@@ -49,17 +49,20 @@ def build(*, model_path, output_path, settings, exploration, skipped: Sequence[S
     for d in exploration.decisions:
         spec, ch = d.spec, d.chosen
         st = stored_by_name[spec.name]
+        sc = d.shared()
         bits_before += spec.weights * spec.bits
-        layer_bits = eq1_bits(spec.weights, d.clustering.k, spec.bits) + d.extra_bits
+        layer_bits = sc.eq1_bits(spec.bits) + d.extra_bits
         bits_after += layer_bits
         layers.append({
             "name": spec.name, "op_type": spec.op_type, "node": spec.node, "shape": list(spec.shape),
             "dtype": spec.dtype, "bits": spec.bits, "weights": spec.weights, "unique_values": d.n_unique,
             "k": d.clustering.k, "k_clamped": d.clamped, "index_bits": index_bits(d.clustering.k),
             "inertia": d.clustering.inertia, "score": ch.score, "accuracy_loss_pp": _pp(exploration, ch.correct),
-            "compression_ratio": spec.weights * spec.bits / layer_bits, "stored_bytes": st.stored_bytes,
+            "compression_ratio": spec.weights * spec.bits / layer_bits, "eq1_bits": layer_bits,
+            "stored_bytes": st.stored_bytes,
             "index_bytes": st.index_bytes, "centroid_bytes": st.centroid_bytes, "encoding": st.encoding,
-            "scoring_plan": d.plan, "granularity": "layer", "group_size": None, "vector_dim": 1, "codebooks": 1,
+            "scoring_plan": d.plan, **sc.sharing.as_dict(), "codebooks": sc.codebooks,
+            "granularity_note": sc.layout.note,
             "extra_bits": d.extra_bits, "predicted_loss": d.predicted, "predicted_loss_pp": d.predicted_loss_pp,
             "repair": None if d.repair is None else {"scale": bool(d.extra_bits), "bias": True},
             "timing": {"clustering_s": d.clustering_s, "estimate_s": d.estimate_s, "scoring_s": d.scoring_s},

@@ -195,3 +195,99 @@ def test_device_cuda_falls_back_to_cpu(kmeans, tiny_files, tmp_path, caplog):
     assert rep["tool"]["providers"] == ["CPUExecutionProvider"]
     assert "falling back to the CPU" in caplog.text
     onnx.checker.check_model(onnx.load(str(tmp_path / "o.onnx")))
+
+
+# -- granularities and vectors (axcnn.sharing) -------------------------------------------------------------------
+
+SHARINGS = {
+    "layer": {},
+    "channel1": {"granularity": "channel"},
+    "channel3": {"granularity": "channel", "group_size": 3},  # 8 and 10 channels: a smaller last group
+    "channel100": {"granularity": "channel", "group_size": 100},  # at least the channel count: one codebook
+    "kernel": {"granularity": "kernel"},  # the Gemm falls back to one codebook
+    "vector2": {"vector_dim": 2},
+}
+
+
+def _codebook_values(arr: np.ndarray, layer: dict) -> list[int]:
+    """Distinct values (pairs for vectors) under each codebook of the written weight, by its own layout."""
+    if layer["vector_dim"] == 2:
+        moved = np.moveaxis(arr, 1, -1)
+        if moved.shape[-1] % 2:
+            moved = np.concatenate([moved, moved[..., -1:]], axis=-1)
+        return [len(np.unique(moved.reshape(-1, 2), axis=0))]
+    if layer["granularity"] == "channel":
+        g = layer["group_size"]
+        return [len(np.unique(arr[i:i + g])) for i in range(0, arr.shape[0], g)]
+    if layer["granularity"] == "kernel":
+        return [len(np.unique(arr[o, i])) for o in range(arr.shape[0]) for i in range(arr.shape[1])]
+    return [len(np.unique(arr))]
+
+
+@pytest.mark.parametrize("name", list(SHARINGS))
+def test_compress_shares_as_configured(name, tmp_path):
+    model = tiny_cnn(seed=5)
+    x, y = tiny_data(model, n=64)
+    mp, dp, out = tmp_path / "m.onnx", tmp_path / "d.npz", tmp_path / "o.onnx"
+    onnx.save(model, mp)
+    np.savez(dp, x=x, y=y)
+    rep = compress(mp, dp, out, None, CompressConfig(kmin=4, kmax=8, filter=0.5, min_weights=16, batch_size=32,
+                                                     **SHARINGS[name])).report
+    written = onnx.load(str(out))
+    onnx.checker.check_model(written, full_check=True)
+    decoded = rewrite.decode(written)
+    s_shared = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    s_dense = ort.InferenceSession(rewrite.replace_weights(model, decoded).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    got = _run(s_shared, x)
+    assert np.max(np.abs(got - _run(s_dense, x))) <= 1e-5
+    assert rep["final_score"] == pytest.approx(np.mean(got.argmax(1) == y))
+
+    stored = {r["name"]: r for r in rewrite.shared_layers(written)}
+    assert set(stored) == {layer["name"] for layer in rep["layers"]} == {"w1", "w2", "w3"}
+    want = {"granularity": "layer", "group_size": None, "vector_dim": 1, **SHARINGS[name]}
+    for layer in rep["layers"]:
+        st = stored[layer["name"]]
+        eq1 = rewrite.eq1_bits(st["index_count"], st["k"], 32, codebooks=st["codebooks"], vector_dim=st["vector_dim"])
+        assert layer["eq1_bits"] == eq1 and layer["compression_ratio"] == pytest.approx(layer["weights"] * 32 / eq1)
+        assert (layer["k"], layer["codebooks"], layer["vector_dim"], layer["granularity"]) == (
+            st["k"], st["codebooks"], st["vector_dim"], st["granularity"])
+        if layer["granularity"] == "channel":
+            assert layer["group_size"] == st["group_size"] == min(want["group_size"] or 1, layer["shape"][0])
+        else:
+            assert layer["group_size"] is None
+        assert max(_codebook_values(decoded[layer["name"]], layer)) <= layer["k"]
+        assert layer["stored_bytes"] <= 1.02 * eq1 / 8 + 16
+        fell_back = name == "kernel" and layer["name"] == "w3"
+        assert (layer["granularity_note"] is not None) == fell_back
+        if fell_back:
+            assert layer["granularity"] == "layer" and "rank >= 3" in layer["granularity_note"]
+        else:
+            assert (layer["granularity"], layer["vector_dim"]) == (want["granularity"], want["vector_dim"])
+    assert rep["eq1_bits_after"] == sum(layer["eq1_bits"] for layer in rep["layers"])
+    assert rep["compression_ratio"] == pytest.approx(rep["eq1_bits_before"] / rep["eq1_bits_after"])
+    assert rep["settings"]["granularity"] == want["granularity"]
+    if name == "channel100":
+        assert {layer["codebooks"] for layer in rep["layers"]} == {1}
+    if name == "channel3":
+        assert {layer["name"]: layer["codebooks"] for layer in rep["layers"]} == {"w1": 3, "w2": 3, "w3": 4}
+    # inspect reads the same from the file
+    from axcnn.inspect import describe
+
+    info = {t["name"]: t for t in describe(written)["tensors"] if t.get("shared")}
+    assert {n: t["eq1_bits"] for n, t in info.items()} == {la["name"]: la["eq1_bits"] for la in rep["layers"]}
+
+
+def test_a_kernel_run_skips_a_layer_no_k_makes_smaller_and_says_how_it_was_shared(tmp_path, caplog):
+    model = tiny_cnn(seed=5)
+    x, y = tiny_data(model, n=64)
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    # K 9..12 per 3x3 kernel: every kernel keeps its 9 values and its codebooks outweigh the weights
+    rep = compress(tmp_path / "m.onnx", tmp_path / "d.npz", tmp_path / "o.onnx", None,
+                   CompressConfig(kmin=9, kmax=12, filter=0.5, min_weights=16, granularity="kernel")).report
+    assert [layer["name"] for layer in rep["layers"]] == ["w3"]
+    reasons = {s["name"]: s["reason"] for s in rep["skipped"]}
+    assert "makes its 72 weights smaller shared as kernel" in reasons["w1"]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(m.startswith("w3: kernel granularity needs a weight of rank >= 3") for m in warned), warned

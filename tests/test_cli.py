@@ -306,3 +306,39 @@ def test_report_bad_input_one_line_exit_1_nothing_written(case, tmp_path, report
     assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], r.output
     assert "Traceback" not in r.output
     assert sorted(tmp_path.rglob("*")) == before and report_file.read_bytes() == report_before
+
+
+@pytest.mark.parametrize("flags", [["--granularity", "channel", "--group-size", "3"], ["--granularity", "kernel"],
+                                   ["--vector-dim", "2"]])
+def test_compress_granularity_flags(flags, tiny_files, tmp_path):
+    mp, dp = tiny_files
+    out, rep = tmp_path / "o.onnx", tmp_path / "o.json"
+    r = _run(["compress", str(mp), "--data", str(dp), "-o", str(out), "--report", str(rep), *FAST, *flags])
+    assert r.exit_code == 0, r.output
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    report = json.loads(rep.read_text())
+    granularity = flags[1] if flags[0] == "--granularity" else "layer"
+    assert report["settings"]["granularity"] == granularity
+    assert {layer["granularity"] for layer in report["layers"] if layer["op_type"] == "Conv"} == {granularity}
+    r = _run(["inspect", str(out)])
+    assert r.exit_code == 0 and ("vector2" if "--vector-dim" in flags else granularity) in r.output
+
+
+@pytest.mark.parametrize(("flags", "fragment"), [
+    (["--granularity", "channel", "--vector-dim", "2"], "vector_dim=2 is invalid with granularity='channel'"),
+    (["--group-size", "4"], "group_size=4 is invalid with granularity='layer'"),
+    (["--vector-dim", "3"], "vector_dim=3 is invalid: allowed 1 or 2"),
+])
+def test_contradictory_granularity_flags_one_line_exit_1(flags, fragment, tiny_files, tmp_path):
+    mp, dp = tiny_files
+    out = tmp_path / "o.onnx"
+    r = CliRunner().invoke(main, ["compress", str(mp), "--data", str(dp), "-o", str(out), *FAST, *flags])
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and fragment in lines[0], r.output
+    assert not out.exists()
+
+
+def test_granularity_choice_is_checked_by_the_cli(tiny_files):
+    mp, dp = tiny_files
+    r = CliRunner().invoke(main, ["compress", str(mp), "--data", str(dp), "--granularity", "row"])
+    assert r.exit_code == 2 and "row" in r.output

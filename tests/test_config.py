@@ -49,3 +49,31 @@ def test_frozen():
                                                 (0.5, 1, 1), (0.2, 10, 2)])
 def test_candidates_to_score(filter_, n, expected):
     assert CompressConfig(filter=filter_).candidates_to_score(n) == expected
+
+
+def test_sharing_options_defaults_and_values():
+    c = CompressConfig()
+    assert (c.granularity, c.group_size, c.vector_dim) == ("layer", 1, 1)
+    c = CompressConfig(granularity="channel", group_size=4)
+    assert (c.granularity, c.group_size) == ("channel", 4)
+    assert CompressConfig(vector_dim=2).vector_dim == 2
+
+
+@pytest.mark.parametrize(("kwargs", "fragment"), [
+    ({"granularity": "row"}, "granularity='row' is invalid: allowed layer | channel | kernel"),
+    ({"granularity": "channel", "group_size": 0}, "group_size=0 is invalid: allowed an integer >= 1"),
+    ({"vector_dim": 3}, "vector_dim=3 is invalid: allowed 1 or 2"),
+    ({"vector_dim": 0}, "vector_dim=0 is invalid: allowed 1 or 2"),
+    ({"group_size": 4}, "group_size=4 is invalid with granularity='layer': allowed 1"),
+    ({"granularity": "kernel", "group_size": 4}, "group_size=4 is invalid with granularity='kernel'"),
+    ({"granularity": "channel", "vector_dim": 2}, "vector_dim=2 is invalid with granularity='channel': allowed 1"),
+    ({"granularity": "kernel", "vector_dim": 2}, "vector_dim=2 is invalid with granularity='kernel'"),
+    ({"granularity": "channel", "kmeans": "sklearn"}, "kmeans='sklearn' is invalid with granularity='channel'"),
+    ({"vector_dim": 2, "kmeans": "faiss"}, "kmeans='faiss' is invalid with granularity='layer', vector_dim=2"),
+    ({"granularity": "kernel", "max_loss": 1.0}, "granularity='kernel', vector_dim=1 is invalid with a budget"),
+    ({"vector_dim": 2, "target_cr": 4.0}, "vector_dim=2 is invalid with a budget"),
+])
+def test_contradictory_sharing_options_are_refused(kwargs, fragment):
+    with pytest.raises(ValueError) as info:
+        CompressConfig(**kwargs)
+    assert fragment in str(info.value)

@@ -18,6 +18,7 @@ from axcnn.explore import Candidate, LayerDecision
 from axcnn.journal import FILE_NAME, Journal, fingerprint
 from axcnn.model import inventory
 from axcnn.score import Outcome
+from axcnn.sharing import Sharing, cluster_layer
 
 FP = {"format": 1, "version": "t", "model": "m", "data": "d", "settings": {"kmin": 2, "mean": (0.5,)}}
 CFG = dict(kmin=2, kmax=8, filter=0.5, min_weights=16)
@@ -269,3 +270,49 @@ def test_same_inputs_give_the_same_bytes_and_report(files, tmp_path):
     ra, rb = _report_without_timing(a.report), _report_without_timing(b.report)
     assert ra.pop("output") != rb.pop("output")
     assert ra == rb
+
+
+@pytest.mark.parametrize("sharing", [Sharing("channel", 3), Sharing("kernel"), Sharing(vector_dim=2)],
+                         ids=lambda s: s.describe())
+def test_decision_round_trip_keeps_how_weights_are_shared(tmp_path, sharing):
+    spec = inventory(tiny_cnn(), 16)[0][1]  # w2 [8, 2, 3, 3]
+    table = cluster_layer(spec, sharing, 2, 5)
+    cands = tuple(Candidate(k, table.inertia(k), table.inertia(k), table.compression_ratio(k)) for k in table.ks)
+    d = LayerDecision(spec, table.n_unique, table.clamped, cands, cands[-1], table.get(cands[-1].k), "full", 0, 0, 0)
+    with Journal.open(tmp_path / "run", FP, resume=False) as j:
+        j.put_decision(d)
+    with Journal.open(tmp_path / "run", FP, resume=True) as j:
+        back = j.decision(spec)
+    c, e = back.shared(), d.shared()
+    assert c.layout == e.layout and c.sharing == sharing and (c.k, c.inertia) == (e.k, e.inertia)
+    assert c.centroids.tobytes() == e.centroids.tobytes() and c.indices.dtype == e.indices.dtype
+    assert np.array_equal(c.indices, e.indices) and back.dense().tobytes() == d.dense().tobytes()
+
+
+def test_decision_of_a_journal_before_granularities_is_one_codebook(tmp_path):
+    spec = inventory(tiny_cnn(), 16)[0][0]
+    c = cluster_range(spec.array, 4, 4).get(4)
+    cand = Candidate(4, c.inertia, c.inertia, 2.0)
+    d = LayerDecision(spec, 10, False, (cand,), cand, c, "full", 0, 0, 0)
+    with Journal.open(tmp_path / "run", FP, resume=False) as j:
+        j.put_decision(d)
+        key = ("layer", [spec.name])
+        value = j.get(*key)
+        del value["clustering"]["sharing"]  # as a first-round journal wrote it
+        j.put("layer", [spec.name], value)
+    with Journal.open(tmp_path / "run", FP, resume=True) as j:
+        back = j.decision(spec)
+    assert back.shared().sharing == Sharing() and back.dense().tobytes() == d.dense().tobytes()
+
+
+def test_resumed_channel_run_writes_the_same_bytes(files, tmp_path):
+    mp, dp = files
+    cfg = CompressConfig(**CFG, granularity="channel", group_size=3)
+    whole = compress(mp, dp, tmp_path / "whole.onnx", None, cfg)
+    out = tmp_path / "o.onnx"
+    with pytest.raises(KeyboardInterrupt):
+        compress(mp, dp, out, None, cfg, progress=_StopAfter(3))
+    resumed = compress(mp, dp, out, None, cfg, resume=True)
+    assert resumed.report["timing"]["candidates_resumed"] == 3
+    assert out.read_bytes() == (tmp_path / "whole.onnx").read_bytes()
+    assert {la["granularity"] for la in whole.report["layers"]} == {"channel"}

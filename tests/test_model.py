@@ -2,10 +2,11 @@ import numpy as np
 import onnx
 import pytest
 from conftest import tiny_cnn
+from layer_graphs import Builder
 from onnx import TensorProto, helper, numpy_helper
 
 from axcnn.errors import AxcnnError
-from axcnn.model import inventory, io_info, load_model
+from axcnn.model import Operand, inventory, io_info, load_model
 
 
 def test_inventory_conv_grouped_gemm_in_topological_order():
@@ -108,3 +109,23 @@ def test_io_info_fixed_batch_and_output_choice():
         io_info(tiny_cnn(), "nope")
     info = io_info(tiny_cnn(opset=8, ir=3, initializers_as_inputs=True))
     assert info.input_name == "x"
+
+
+def test_inventory_records_how_the_op_reads_its_weight():
+    b = Builder(0)
+    w = b.const("w0", b.normal([6, 5]))
+    b.nodes.append(onnx.helper.make_node("Transpose", [w], ["wt"], perm=[1, 0]))
+    b.x_shape = [3, 5]
+    b.nodes.append(onnx.helper.make_node("Gemm", ["x", "wt"], ["y"], name="layer", transB=0))
+    spec = _named(b.model("y"), "w0")
+    assert spec.operand == Operand(position=1, trans=False, group=1, direct=False)
+    b = Builder(0)
+    spec = _named(b.model(b.layer("Gemm", trans_b=1)), "w")
+    assert spec.operand == Operand(position=1, trans=True, group=1, direct=True)
+    b = Builder(0)
+    spec = _named(b.model(b.layer("ConvTranspose", group=2)), "w")
+    assert spec.operand.group == 2
+
+
+def _named(model, name):
+    return next(s for s in inventory(model, min_weights=1)[0] if s.name == name)
