@@ -33,9 +33,9 @@ GRANULARITIES = ("layer", "channel", "kernel")  # axcnn.sharing.GRANULARITIES (c
 
 #: mode -> defaults of the options whose default depends on the mode
 MODE_DEFAULTS = {
-    "greedy": {"kmin": 40, "kmax": 80, "holdout": 0.0, "calib": 256, "repair": "none"},
-    "budget": {"kmin": 2, "kmax": 256, "holdout": 0.3, "calib": 1024, "repair": "scale"},
-    "pareto": {"kmin": 2, "kmax": 256, "holdout": 0.3, "calib": 1024, "repair": "scale"},
+    "greedy": {"kmin": 40, "kmax": 80, "holdout": 0.0, "calib": 256, "repair": "none", "granularity": "layer"},
+    "budget": {"kmin": 2, "kmax": 256, "holdout": 0.3, "calib": 1024, "repair": "scale", "granularity": "auto"},
+    "pareto": {"kmin": 2, "kmax": 256, "holdout": 0.3, "calib": 1024, "repair": "scale", "granularity": "auto"},
 }
 PICK_FORMS = "loss:PP (the largest ratio within PP points), cr:X (the most accurate at ratio >= X), index:N"
 
@@ -123,11 +123,14 @@ class CompressConfig:
     fold_bn: bool = opt(False, "Fold BatchNormalization and per-channel Mul/Add after a Conv/Gemm into its weight "
                         "and bias before clustering.", "bool")
     # -- how weights share codebooks (axcnn.sharing) ------------------------------------------------------------
-    granularity: str = opt("layer", "One codebook per layer (the paper), per group of --group-size output channels, "
-                           "or per kernel (weights of rank >= 3; a Gemm/MatMul stays per layer, said in the report).",
-                           "choice", choices=GRANULARITIES)
-    group_size: int = opt(1, "Channel granularity: output channels per codebook (a last group may be smaller).",
-                          "int", check=at_least(1), allowed="an integer >= 1", metavar="G")
+    granularity: str | None = opt(None, "One codebook per layer (the paper), per group of --group-size output "
+                                  "channels, or per kernel (weights of rank >= 3; a Gemm/MatMul stays per layer, "
+                                  "said in the report); auto (budget and Pareto modes): the search chooses per layer "
+                                  "among one codebook, groups of --group-size channels and 2-D vectors.", "choice",
+                                  choices=(*GRANULARITIES, "auto"), default_text="layer; auto with a budget")
+    group_size: int | None = opt(None, "Output channels per codebook, for channel granularity and auto (a last "
+                                 "group may be smaller).", "int", check=at_least(1), allowed="an integer >= 1",
+                                 metavar="G", default_text="1; 4 with auto")
     vector_dim: int = opt(1, "2: pairs of weights along the input-channel axis share a 2-D codebook entry (one "
                           "codebook per layer); 1: scalar sharing.", "int", check=lambda v: v in (1, 2),
                           allowed="1 or 2")
@@ -157,20 +160,22 @@ class CompressConfig:
         self._check_sharing()
 
     def _check_sharing(self) -> None:
-        if self.group_size != 1 and self.granularity != "channel":
+        if self.group_size is None:
+            object.__setattr__(self, "group_size", 4 if self.granularity == "auto" else 1)
+        elif self.group_size != 1 and self.granularity not in ("channel", "auto"):
             raise ValueError(f"group_size={self.group_size!r} is invalid with granularity={self.granularity!r}: "
-                             "allowed 1 (groups of output channels are for granularity 'channel')")
-        if self.vector_dim != 1 and self.granularity != "layer":
+                             "allowed 1 (groups of output channels are for granularity 'channel' or 'auto')")
+        if self.granularity == "auto" and self.mode == "greedy":
+            raise ValueError("granularity='auto' is invalid without a budget or --pareto: allowed layer | channel | "
+                             "kernel (the greedy search takes one granularity)")
+        if self.vector_dim != 1 and self.granularity not in ("layer", "auto"):
             raise ValueError(f"vector_dim={self.vector_dim!r} is invalid with granularity={self.granularity!r}: "
                              "allowed 1 (vectors share one codebook per layer: granularity 'layer')")
-        if (self.granularity != "layer" or self.vector_dim != 1) and self.kmeans != "exact":
-            raise ValueError(f"kmeans={self.kmeans!r} is invalid with granularity={self.granularity!r}, vector_dim="
-                             f"{self.vector_dim}: allowed 'exact' (groups are solved exactly, vectors by axcnn's own "
-                             "k-means)")
-        if (self.granularity != "layer" or self.vector_dim != 1) and self.mode != "greedy":
-            raise ValueError(f"granularity={self.granularity!r}, vector_dim={self.vector_dim} is invalid with a budget "
-                             "(max_loss / target_cr): allowed granularity 'layer', vector_dim 1 (the budget search "
-                             "does not choose granularities yet)")
+        if self.granularity != "layer" or self.vector_dim != 1:
+            if self.kmeans != "exact":
+                raise ValueError(f"kmeans={self.kmeans!r} is invalid with granularity={self.granularity!r}, "
+                                 f"vector_dim={self.vector_dim}: allowed 'exact' (groups are solved exactly, vectors "
+                                 "by axcnn's own k-means)")
 
     @property
     def mode(self) -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import operator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -362,7 +363,8 @@ def _group_unique(values: np.ndarray, spec: GroupSpec) -> np.ndarray:
 
 
 def cluster_layer(spec: LayerSpec, sharing: Sharing, kmin: int, kmax: int, *, weights: np.ndarray | None = None,
-                  backend: str = "exact", seed: int = 0, device: str = "cpu") -> SharingTable:
+                  backend: str = "exact", seed: int = 0, device: str = "cpu",
+                  ks: Iterable[int] | None = None) -> SharingTable:
     """Cluster ``spec``'s weight shared as ``sharing`` (after :func:`layer_sharing`) for every K in ``[kmin,
     kmax]``; K above what the data allow is clamped (``table.clamped``).
 
@@ -371,6 +373,9 @@ def cluster_layer(spec: LayerSpec, sharing: Sharing, kmin: int, kmax: int, *, we
     run Lloyd's k-means from a seeded k-means++ (:func:`~axcnn.cluster.cluster_vectors`). ``weights``: optional
     per-weight importance of the weight's shape, passed through. When the sharing falls back, the reason is kept in
     ``table.layout.note`` (and logged at debug level: the caller says it to the user as it sees fit).
+
+    ``ks``: only these K of the range, for vectors (each K is a Lloyd fit of its own; the other sharings solve
+    every K of the range at once and ignore it).
 
     Raises ValueError for a bad range, backend or weights, or a backend other than ``exact`` with a sharing that
     is not one scalar codebook per layer.
@@ -390,7 +395,10 @@ def cluster_layer(spec: LayerSpec, sharing: Sharing, kmin: int, kmax: int, *, we
                          "solved exactly, vectors by axcnn's own k-means)")
     n_unique = int(np.unique(spec.array).shape[0])
     if s.vector_dim > 1:
-        vt = cluster_vectors(spec.array, range(kmin, kmax + 1), vector_axis=layout.vector_axis,
+        wanted = range(kmin, kmax + 1) if ks is None else sorted({k for k in ks if kmin <= k <= kmax})
+        if not wanted:
+            raise ValueError(f"ks={ks!r} is invalid: allowed K values within [{kmin}, {kmax}]")
+        vt = cluster_vectors(spec.array, wanted, vector_axis=layout.vector_axis,
                              vector_dim=s.vector_dim, weights=weights, seed=seed)
         return SharingTable(spec, sharing, layout, tuple(vt.ks), n_unique, vt.clamped, vt.weighted, vt.inertia,
                             vt.get)

@@ -55,8 +55,18 @@ def test_max_loss_is_met_on_the_held_out_samples(tmp_path):
     # every layer is in the sensitivity table, and Eq. 1 counts the repair's scale floats
     table = rep["sensitivity"]["entries"]
     assert {e["layer"] for e in table} == {layer["name"] for layer in rep["layers"]}
-    assert rep["eq1_bits_after"] == sum(layer["weights"] * layer["index_bits"] + layer["k"] * layer["bits"]
-                                        + layer["extra_bits"] for layer in rep["layers"])
+    def eq1(layer):  # Eq. 1 of what is stored: one index per weight (per pair of weights for 2-D vectors, the
+        # input-channel axis rounded up), every codebook's entries, and the repair's scale floats
+        shape = layer["shape"]
+        indices = layer["weights"]
+        if layer["vector_dim"] == 2:
+            axis = 1 if layer["op_type"] == "Conv" else 0
+            indices = indices // shape[axis] * -(-shape[axis] // 2)
+        return (indices * layer["index_bits"] + layer["codebooks"] * layer["k"] * layer["vector_dim"] * layer["bits"]
+                + layer["extra_bits"])
+
+    assert [layer["eq1_bits"] for layer in rep["layers"]] == [eq1(layer) for layer in rep["layers"]]
+    assert rep["eq1_bits_after"] == sum(layer["eq1_bits"] for layer in rep["layers"])
     assert json.loads((tmp_path / "r.json").read_text())["budget"]["met"]
 
 
@@ -69,7 +79,8 @@ def test_repaired_layers_keep_shared_weights_and_scale_after_the_layer(tmp_path)
     decoded = rewrite.decode(written)
     scaled = 0
     for layer in rep["layers"]:
-        assert len(np.unique(decoded[layer["name"]])) <= layer["k"]  # still K shared values
+        # still shared: at most K values per codebook (K pairs for 2-D vectors)
+        assert len(np.unique(decoded[layer["name"]])) <= layer["k"] * layer["codebooks"] * layer["vector_dim"]
         if layer["repair"] and layer["repair"]["scale"]:
             scaled += 1
             muls = [n for n in written.graph.node if n.op_type == "Mul" and f"{layer['name']}.axcnn_scale" in n.input]

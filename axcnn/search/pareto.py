@@ -167,6 +167,5 @@ def _point_record(p: Point, chosen: bool) -> dict:
         "samples": (p.verification or p.selection)["samples"], "chosen": chosen, "predicted_proxy": p.proxy,
         "selection_loss_pp": p.selection["accuracy_loss_pp"],
         "verification": p.verification,
-        "layers": [{"name": d.spec.name, "k": d.clustering.k, "granularity": "layer", "vector_dim": 1}
-                   for d in p.decisions],
+        "layers": [{"name": d.spec.name, "k": d.clustering.k, **d.shared().sharing.as_dict()} for d in p.decisions],
     }

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -26,12 +27,13 @@ from onnx import numpy_helper
 
 from axcnn import affine, correct, estimate, score
 from axcnn.allocate import Allocation
-from axcnn.cluster import cluster_range, eq1_bits, index_bits
+from axcnn.cluster import index_bits
 from axcnn.config import CompressConfig
 from axcnn.errors import AxcnnError
 from axcnn.explore import Candidate, Explorer, LayerDecision, calibration_indices
 from axcnn.model import LayerSpec
 from axcnn.search.sites import Site, dense_rows_bias, sites
+from axcnn.sharing import LAYER, Sharing, SharingTable, cluster_layer
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,8 @@ PROBE_PER_WIDTH = 3
 #: proportional to its analytic output error across widths (ResNet-20: the ratio varied within about 2x from 1
 #: to 7 bits), so the other widths are predicted from their analytic error with the measured ratio.
 MEASURED_WIDTHS = (3, 5)
+#: K of 2-D vectors a search tries (each a Lloyd fit of its own): 2 to 4 index bits per weight
+VECTOR_KS = (16, 32, 64, 128, 256)
 #: calibration samples whose activations the sequential repair uses (the first of the calibration draw)
 REPAIR_SAMPLES = 256
 
@@ -52,21 +56,26 @@ class Entry:
 
     layer: str
     k: int
-    bits: int  # Eq. 1 bits of the layer, the repair's scale floats included
+    bits: int  # Eq. 1 bits of the layer (every codebook), the repair's scale floats included
     proxy: float  # mean KL (nats) of the network output from the dense one on the calibration samples
     loss_pp: float | None  # top-1 loss on the calibration samples (points), this layer alone, when measured
     analytic: float  # the layer's output squared error after the repair (or inertia without input statistics)
     inertia: float
     measured: bool = True  # False: proxy predicted from the analytic error (and loss_pp unknown)
+    sharing: Sharing = LAYER  # how the layer shares codebooks (after any fallback)
+
+    @property
+    def key(self) -> tuple[Sharing, int]:
+        return self.sharing, self.k
 
 
 @dataclass
 class Layer:
     site: Site
-    table: object  # ClusterTable
+    tables: dict  # Sharing -> SharingTable
     entries: list[Entry]
     extra_bits: int  # the repair's scale floats, counted in Eq. 1
-    fits: dict = field(default_factory=dict)  # K -> the repair fitted with the dense input (table phase)
+    fits: dict = field(default_factory=dict)  # (Sharing, K) -> the repair fitted with the dense input (table phase)
     moments: object = None  # the dense input's statistics (table phase)
 
 
@@ -98,6 +107,7 @@ class Sensitivity:
         self.verification = verification
         self.ver_ref = None if verification is None else score.correct_mask(
             self.dense, self.runner, self.io, verification[0], verification[1], config.metric, config.batch_size)
+        self.sharings = search_sharings(config)
         self.x_rep = self.x_cal[:REPAIR_SAMPLES]  # the sequential repair's samples (a prefix of a random draw)
         self.scoring_s = 0.0
         self.passes = 0.0  # scoring work in units of one pass over the selection samples
@@ -169,30 +179,39 @@ class Sensitivity:
                                       precision="float32")
             weights = correct.importance(mom, site.geometry) if (mom is not None and cfg.weighting == "input") \
                 else None
-            table = cluster_range(spec.array, cfg.kmin, cfg.kmax, weights=weights, backend=cfg.kmeans,
-                                  seed=cfg.seed, device=cfg.device)
             repaired = self.repair != "none" and site.repairable
             extra = site.affine.channels * spec.bits if (repaired and self.repair == "scale") else 0
             dense_bits = spec.weights * spec.bits
-            ks = [k for k in table.ks if eq1_bits(spec.weights, k, spec.bits) + extra < dense_bits]
-            if not ks:
+            tables: dict[Sharing, SharingTable] = {}
+            for sharing in self.sharings:
+                if sharing.vector_dim > 1 and not any(cfg.kmin <= k <= cfg.kmax for k in VECTOR_KS):
+                    continue
+                t = cluster_layer(spec, sharing, cfg.kmin, cfg.kmax, weights=weights, backend=cfg.kmeans,
+                                  seed=cfg.seed, device=cfg.device, ks=VECTOR_KS)
+                if t.sharing not in tables:  # a fallback to one codebook per layer adds nothing new
+                    tables[t.sharing] = t
+            # per sharing and index bit width, the best K: a few by inertia, then the best of them by the analytic
+            # error
+            by_width: dict[tuple[Sharing, int], list[int]] = {}
+            for sharing, t in tables.items():
+                for k in t.ks:
+                    if t.eq1_bits(k) + extra < dense_bits:
+                        by_width.setdefault((sharing, index_bits(k)), []).append(k)
+            if not by_width:
                 log.info("leaving %s dense: no K in range makes it smaller", spec.name)
-                out.append(Layer(site, table, [], extra, {}, mom))
+                out.append(Layer(site, tables, [], extra, {}, mom))
                 continue
-            # per index bit width, the best K: a few by inertia, then the best of those by the analytic error
-            by_width: dict[int, list[int]] = {}
-            for k in ks:
-                by_width.setdefault(index_bits(k), []).append(k)
-            analytic: dict[int, float] = {}
-            fits: dict[int, correct.ScaleBias | None] = {}
-            best: dict[int, int] = {}
-            for w in sorted(by_width):
-                probe = sorted(by_width[w], key=lambda k: (table.inertia(k), k))[:PROBE_PER_WIDTH]
+            analytic: dict[tuple[Sharing, int], float] = {}
+            fits: dict[tuple[Sharing, int], correct.ScaleBias | None] = {}
+            best: dict[tuple[Sharing, int], tuple[Sharing, int]] = {}
+            for (sharing, w), ks in sorted(by_width.items(), key=lambda kv: (kv[0][0].describe(), kv[0][1])):
+                t = tables[sharing]
+                probe = sorted(ks, key=lambda k: (t.inertia(k), k))[:PROBE_PER_WIDTH]
                 for k in probe:
-                    fits[k], analytic[k] = self._fit(site, mom, table.get(k), repaired)
-                best[w] = min(probe, key=lambda k: (analytic[k], k))
+                    fits[sharing, k], analytic[sharing, k] = self._fit(site, mom, t.get(k), repaired)
+                best[sharing, w] = (sharing, min(probe, key=lambda k: (analytic[sharing, k], k)))
             t_cluster = time.perf_counter() - t0
-            # measure a few widths end to end; predict the others from their analytic error
+            # measure a few widths of the first sharing end to end; predict the rest from their analytic error
             t1 = time.perf_counter()
             suffix = score.suffix_model(self.dense, boundary, self.io, self.types) if boundary != [
                 self.io.input_name] else None
@@ -201,35 +220,41 @@ class Sensitivity:
                               tuple(boundary))
             names = [spec.name] + ([site.affine.scale, site.affine.bias] if repaired else [])
             run = score.tensors_as_inputs(plan, self.runner, self.io.output_name, names)
-            measured: dict[int, tuple[float, float]] = {}
-            for w in _widths_to_measure(sorted(best), mom is not None):
-                k = best[w]
-                out_k = run(self._arrays(site, table.get(k), fits[k]))
+            first = next(iter(tables))
+            widths = sorted(w for (sh, w) in best if sh == first)
+            predictable = mom is not None
+            to_measure = [(first, w) for w in _widths_to_measure(widths, predictable)]
+            if not predictable:  # nothing to predict from: every candidate is measured
+                to_measure = sorted(best, key=lambda sw: (sw[0].describe(), sw[1]))
+            measured: dict[tuple[Sharing, int], tuple[float, float]] = {}
+            for sw in to_measure:
+                sharing, k = best[sw]
+                out_k = run(self._arrays(site, tables[sharing].get(k), fits[sharing, k]))
                 kl = max(estimate.mean_kl(self.ref_logp, estimate.log_probs(out_k, self.kind)), 0.0)
                 loss = 100.0 * (self.ref_cal_correct - score.count_correct(out_k, self.y_cal, cfg.metric)) / len(
                     self.y_cal)
-                measured[w] = (kl, loss)
+                measured[best[sw]] = (kl, loss)
                 progress("candidate", k=k, stopped_early=False)
-            ratio = _kl_per_error(measured, best, analytic)
+            ratio = _kl_per_error(measured, analytic)
             entries: list[Entry] = []
-            for w in sorted(best):
-                k = best[w]
-                kl, loss = measured.get(w, (ratio * analytic[k], None))
-                entries.append(Entry(spec.name, k, eq1_bits(spec.weights, k, spec.bits) + extra, kl, loss,
-                                     analytic[k], table.inertia(k), w in measured))
+            for sharing, k in sorted(best.values(), key=lambda sk: (sk[0].describe(), sk[1])):
+                kl, loss = measured.get((sharing, k), (ratio * analytic[sharing, k], None))
+                t = tables[sharing]
+                entries.append(Entry(spec.name, k, t.eq1_bits(k) + extra, kl, loss, analytic[sharing, k],
+                                     t.inertia(k), (sharing, k) in measured, sharing))
             self.counts["measured_entries"] += len(measured)
             self.scoring_s += time.perf_counter() - t1
             self.passes += len(measured) * len(self.y_cal) / max(1, len(self.ex.labels))
-            log.info("%s: %d of %d bit widths measured (%.1fs clustering and fits)", spec.name, len(measured),
-                     len(best), t_cluster)
-            out.append(Layer(site, table, entries, extra, {k: fits[k] for k in best.values()}, mom))
+            log.info("%s: %d of %d candidates measured (%.1fs clustering and fits)", spec.name, len(measured),
+                     len(entries), t_cluster)
+            out.append(Layer(site, tables, entries, extra, {e.key: fits[e.key] for e in entries}, mom))
         return out
 
     def _fit(self, site: Site, mom, clustering, repaired: bool):
         """(the repair fit or None, the analytic error) of one clustering of ``site``'s layer."""
         if mom is None:
             return None, float(clustering.inertia)
-        wq = clustering.centroids[clustering.indices]
+        wq = clustering.dense(np.float64)
         if repaired:
             fn = correct.fit_scale_bias if self.repair == "scale" else correct.fit_bias
             fit = fn(mom, site.geometry, site.spec.array, dense_rows_bias(site), wq)
@@ -239,20 +264,21 @@ class Sensitivity:
 
     @staticmethod
     def _arrays(site: Site, clustering, fit) -> dict[str, np.ndarray]:
-        arrays = {site.spec.name: clustering.centroids.astype(site.spec.dtype)[clustering.indices]}
+        arrays = {site.spec.name: clustering.dense(site.spec.dtype)}
         if fit is not None:
             arrays.update(site.affine.arrays(fit.scale, fit.bias))
         return arrays
 
     # -- 3. assembly ---------------------------------------------------------------------------------------------
-    def assemble(self, layers: list[Layer], choice: dict[int, int], sequential: bool = True
+    def assemble(self, layers: list[Layer], choice: dict[int, tuple[Sharing, int]], sequential: bool = True
                  ) -> tuple[onnx.ModelProto, dict]:
-        """The network with layer ``i`` clustered at K = ``choice[i]`` (layers absent stay dense). ``sequential``:
-        each layer is repaired with its input taken from the partly compressed network and its target from the
-        dense one, so it also absorbs the error of the layers before it (fitted from the layer's actual outputs on
-        the repair samples); otherwise each layer gets the repair fitted on its own in the table phase. With
-        ``--assign gptq`` indices are chosen with error feedback on the same inputs. Returns the model and, per
-        layer index, (clustering, fit or None)."""
+        """The network with layer ``i`` shared as ``choice[i]`` = (sharing, K) (layers absent stay dense).
+
+        ``sequential``: each layer is repaired with its input taken from the partly compressed network and its
+        target from the dense one, so it also absorbs the error of the layers before it (fitted from the layer's
+        actual outputs on the repair samples); otherwise each layer gets the repair fitted on its own in the table
+        phase. With ``--assign gptq`` indices are chosen with error feedback on the same inputs. Returns the model
+        and, per layer index, (clustering, fit or None)."""
         t0 = time.perf_counter()
         work = copy.deepcopy(self.dense)
         chain_c = chain_d = None
@@ -261,10 +287,11 @@ class Sensitivity:
             if i not in choice:
                 continue
             site = layer.site
-            clustering = layer.table.get(choice[i])
+            sharing, k = choice[i]
+            clustering = layer.tables[sharing].get(k)
             repaired = self.repair != "none" and site.repairable
-            fit = layer.fits.get(choice[i]) if repaired else None
-            gptq = self.cfg.assign == "gptq" and site.geometry is not None
+            fit = layer.fits.get((sharing, k)) if repaired else None
+            gptq = self.cfg.assign == "gptq" and site.geometry is not None and sharing.vector_dim == 1
             if sequential and (repaired or gptq):
                 boundary = self._boundary(site)
                 chain_c = self._chain_to(work, chain_c, boundary, self.x_rep)
@@ -273,13 +300,15 @@ class Sensitivity:
                 mom = correct.moments(site.geometry, self._stream(chain_c, site.input_name),
                                       self._stream(chain_d, site.input_name), precision="float32") \
                     if sequential else layer.moments
-                idx = correct.gptq_assign(site.spec.array, clustering.centroids, mom, site.geometry)
-                clustering = type(clustering)(k=clustering.k, centroids=clustering.centroids, indices=idx,
-                                              inertia=float(np.sum((clustering.centroids[idx] - site.spec.array) ** 2)))
+                ids = None if clustering.centroids.ndim == 1 else \
+                    clustering.layout.group_spec().codebook_ids(site.spec.shape)
+                idx = correct.gptq_assign(site.spec.array, clustering.centroids, mom, site.geometry, codebook_ids=ids)
+                clustering = dataclasses.replace(clustering, indices=idx)
+                clustering = dataclasses.replace(clustering, inertia=float(np.sum(
+                    (clustering.dense(np.float64) - site.spec.array) ** 2)))
                 if repaired and not sequential:
                     fn = correct.fit_scale_bias if self.repair == "scale" else correct.fit_bias
-                    fit = fn(mom, site.geometry, site.spec.array, dense_rows_bias(site),
-                             clustering.centroids[clustering.indices])
+                    fit = fn(mom, site.geometry, site.spec.array, dense_rows_bias(site), clustering.dense(np.float64))
             if repaired and sequential:
                 fit = self._fit_outputs(work, site, clustering, chain_c, chain_d)
             for name, arr in self._arrays(site, clustering, fit).items():
@@ -298,7 +327,7 @@ class Sensitivity:
         name = site.spec.name
         dense_w = numpy_helper.to_array(score.weight_proto(work, name))
         score.weight_proto(work, name).CopyFrom(numpy_helper.from_array(
-            np.ascontiguousarray(clustering.centroids.astype(site.spec.dtype)[clustering.indices]), name))
+            np.ascontiguousarray(clustering.dense(site.spec.dtype)), name))
         try:
             zb = score.tensors_at(work, [linear], chain_c, self.runner, self.types)[linear]
         finally:
@@ -334,11 +363,17 @@ def _widths_to_measure(widths: list[int], predictable: bool) -> list[int]:
     return sorted(picked)
 
 
-def _kl_per_error(measured: dict[int, tuple[float, float]], best: dict[int, int], analytic: dict[int, float]
-                  ) -> float:
-    """The ratio KL / analytic error of a layer, as the geometric mean over its measured widths."""
-    logs = [np.log(kl / analytic[best[w]]) for w, (kl, _) in measured.items() if kl > 0 and analytic[best[w]] > 0]
+def _kl_per_error(measured: dict, analytic: dict) -> float:
+    """The ratio KL / analytic error of a layer, as the geometric mean over its measured candidates."""
+    logs = [np.log(kl / analytic[key]) for key, (kl, _) in measured.items() if kl > 0 and analytic[key] > 0]
     return float(np.exp(np.mean(logs))) if logs else 0.0
+
+
+def search_sharings(config: CompressConfig) -> list[Sharing]:
+    """The ways of sharing a budget or Pareto search offers each layer (the first is the measured reference)."""
+    if config.granularity == "auto":
+        return [LAYER, Sharing("channel", config.group_size), Sharing("layer", vector_dim=2)]
+    return [Sharing(config.granularity, config.group_size, config.vector_dim)]
 
 
 def options(layers: list[Layer]) -> tuple[list[int], list[list[int]], list[list[float]]]:
@@ -348,8 +383,8 @@ def options(layers: list[Layer]) -> tuple[list[int], list[list[int]], list[list[
     return idx, costs, proxies
 
 
-def choice(layers: list[Layer], idx: list[int], a: Allocation) -> dict[int, int]:
-    return {i: layers[i].entries[j].k for i, j in zip(idx, a.choice, strict=True)}
+def choice(layers: list[Layer], idx: list[int], a: Allocation) -> dict[int, tuple[Sharing, int]]:
+    return {i: layers[i].entries[j].key for i, j in zip(idx, a.choice, strict=True)}
 
 
 def build_decisions(search: Sensitivity, tab: list[Layer], picked: dict) -> list[LayerDecision]:
@@ -357,14 +392,15 @@ def build_decisions(search: Sensitivity, tab: list[Layer], picked: dict) -> list
     decisions = []
     for i, (clustering, fit) in sorted(picked.items()):
         layer = tab[i]
-        e = next(e for e in layer.entries if e.k == clustering.k)
+        e = next(e for e in layer.entries if e.key == (clustering.sharing, clustering.k))
+        table = layer.tables[e.sharing]
         spec = layer.site.spec
         cands = tuple(Candidate(k=x.k, inertia=x.inertia, estimate=x.proxy,
                                 compression_ratio=spec.weights * spec.bits / x.bits, scored=True,
                                 correct=None, score=None, samples_seen=len(search.y_cal)) for x in layer.entries)
-        chosen_c = next(x for x in cands if x.k == clustering.k)
+        chosen_c = cands[layer.entries.index(e)]
         repair = None if fit is None else (np.asarray(fit.scale), np.asarray(fit.bias))
-        decisions.append(LayerDecision(spec, layer.table.n_unique, layer.table.clamped, cands, chosen_c, clustering,
+        decisions.append(LayerDecision(spec, table.n_unique, table.clamped, cands, chosen_c, clustering,
                                        "budget", 0.0, 0.0, 0.0, repair=repair, extra_bits=layer.extra_bits,
                                        predicted=e.proxy, predicted_loss_pp=e.loss_pp,
                                        affine=layer.site.affine if fit is not None else None))
@@ -378,7 +414,7 @@ def sensitivity_section(search: Sensitivity, tab: list[Layer]) -> dict:
         "entries": [{"layer": e.layer, "k": e.k, "index_bits": index_bits(e.k), "proxy": e.proxy,
                      "loss_pp": e.loss_pp, "analytic": e.analytic, "bits": e.bits,
                      "compression_ratio": layer.site.spec.weights * layer.site.spec.bits / e.bits,
-                     "measured": e.measured, "granularity": "layer", "vector_dim": 1}
+                     "measured": e.measured, **e.sharing.as_dict()}
                     for layer in tab for e in layer.entries],
     }
 
