@@ -44,6 +44,9 @@ PROBE_PER_WIDTH = 3
 #: proportional to its analytic output error across widths (ResNet-20: the ratio varied within about 2x from 1
 #: to 7 bits), so the other widths are predicted from their analytic error with the measured ratio.
 MEASURED_WIDTHS = (3, 5)
+#: the inputs GPTQ's Hessian comes from: "dense" (the table phase's statistics of the dense network's input: no
+#: extra cost) or "compressed" (the partly compressed network's, with the dense output as target; 4x the time)
+GPTQ_INPUT = "dense"
 #: K of 2-D vectors a search tries (each a Lloyd fit of its own): 2 to 4 index bits per weight
 VECTOR_KS = (16, 32, 64, 128, 256)
 #: calibration samples whose activations the sequential repair uses (the first of the calibration draw)
@@ -299,7 +302,7 @@ class Sensitivity:
             if gptq:
                 mom = correct.moments(site.geometry, self._stream(chain_c, site.input_name),
                                       self._stream(chain_d, site.input_name), precision="float32") \
-                    if sequential else layer.moments
+                    if sequential and GPTQ_INPUT == "compressed" else layer.moments
                 ids = None if clustering.centroids.ndim == 1 else \
                     clustering.layout.group_spec().codebook_ids(site.spec.shape)
                 idx = correct.gptq_assign(site.spec.array, clustering.centroids, mom, site.geometry, codebook_ids=ids)
