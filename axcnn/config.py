@@ -34,8 +34,8 @@ GRANULARITIES = ("layer", "channel", "kernel")  # axcnn.sharing.GRANULARITIES (c
 #: mode -> defaults of the options whose default depends on the mode
 MODE_DEFAULTS = {
     "greedy": {"kmin": 40, "kmax": 80, "holdout": 0.0, "calib": 256, "repair": "none", "granularity": "layer"},
-    "budget": {"kmin": 2, "kmax": 256, "holdout": 0.3, "calib": 1024, "repair": "scale", "granularity": "auto"},
-    "pareto": {"kmin": 2, "kmax": 256, "holdout": 0.3, "calib": 1024, "repair": "scale", "granularity": "auto"},
+    "budget": {"kmin": 2, "kmax": 256, "holdout": 0.3, "calib": 1024, "repair": "scale", "granularity": "layer"},
+    "pareto": {"kmin": 2, "kmax": 256, "holdout": 0.3, "calib": 1024, "repair": "scale", "granularity": "layer"},
 }
 PICK_FORMS = "loss:PP (the largest ratio within PP points), cr:X (the most accurate at ratio >= X), index:N"
 
@@ -127,7 +127,7 @@ class CompressConfig:
                                   "channels, or per kernel (weights of rank >= 3; a Gemm/MatMul stays per layer, "
                                   "said in the report); auto (budget and Pareto modes): the search chooses per layer "
                                   "among one codebook, groups of --group-size channels and 2-D vectors.", "choice",
-                                  choices=(*GRANULARITIES, "auto"), default_text="layer; auto with a budget")
+                                  choices=(*GRANULARITIES, "auto"), default_text="layer")
     group_size: int | None = opt(None, "Output channels per codebook, for channel granularity and auto (a last "
                                  "group may be smaller).", "int", check=at_least(1), allowed="an integer >= 1",
                                  metavar="G", default_text="1; 4 with auto")

@@ -208,3 +208,20 @@ def test_pareto_pick_that_fits_no_point_fails_and_writes_nothing(tmp_path):
     with pytest.raises(BudgetNotMet, match="--pick cr:500"):
         compress(mp, dp, out, None, CompressConfig(pareto=True, beam=3, pick="cr:500", **BASE))
     assert not out.exists()
+
+
+def test_auto_granularity_lets_the_search_choose_per_layer(tmp_path):
+    """--granularity auto offers one codebook, channel groups and 2-D vectors per layer; whatever is chosen is
+    written as chosen, decodes exactly and is counted in Eq. 1."""
+    mp, dp, x, _ = _files(tmp_path)
+    out = tmp_path / "o.onnx"
+    rep = compress(mp, dp, out, None, CompressConfig(max_loss=5.0, granularity="auto", group_size=2,
+                                                     **BASE)).report
+    kinds = {(e["granularity"], e["vector_dim"]) for e in rep["sensitivity"]["entries"]}
+    assert {("layer", 1), ("channel", 1), ("layer", 2)} <= kinds
+    written = onnx.load(str(out))
+    records = {r["name"]: r for r in rewrite.shared_layers(written)}
+    for layer in rep["layers"]:
+        assert (records[layer["name"]]["granularity"], records[layer["name"]]["vector_dim"]) == (
+            layer["granularity"], layer["vector_dim"])
+    assert rep["evaluation"]["verification"]["accuracy_loss_pp"] <= 5.0

@@ -70,10 +70,18 @@ def test_sharing_options_defaults_and_values():
     ({"granularity": "kernel", "vector_dim": 2}, "vector_dim=2 is invalid with granularity='kernel'"),
     ({"granularity": "channel", "kmeans": "sklearn"}, "kmeans='sklearn' is invalid with granularity='channel'"),
     ({"vector_dim": 2, "kmeans": "faiss"}, "kmeans='faiss' is invalid with granularity='layer', vector_dim=2"),
-    ({"granularity": "kernel", "max_loss": 1.0}, "granularity='kernel', vector_dim=1 is invalid with a budget"),
-    ({"vector_dim": 2, "target_cr": 4.0}, "vector_dim=2 is invalid with a budget"),
+    ({"granularity": "auto"}, "granularity='auto' is invalid without a budget or --pareto"),
+    ({"group_size": 4}, "group_size=4 is invalid with granularity='layer'"),
 ])
 def test_contradictory_sharing_options_are_refused(kwargs, fragment):
     with pytest.raises(ValueError) as info:
         CompressConfig(**kwargs)
     assert fragment in str(info.value)
+
+
+def test_budget_and_pareto_modes_take_any_sharing_and_auto():
+    assert CompressConfig(max_loss=1.0, granularity="kernel").granularity == "kernel"
+    assert CompressConfig(target_cr=4.0, vector_dim=2).vector_dim == 2
+    auto = CompressConfig(pareto=True, granularity="auto")
+    assert (auto.granularity, auto.group_size) == ("auto", 4)
+    assert CompressConfig(max_loss=1.0, granularity="auto", group_size=8).group_size == 8

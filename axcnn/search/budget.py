@@ -40,7 +40,7 @@ MAX_EVALS = 8
 #: ... and none once the bracket is narrower than this fraction of the size (neighbours differ by noise there)
 RESOLVE = 0.015
 #: at most this many extra looks at the held-out samples when the verification says "over budget"
-MAX_STEP_UPS = 2
+MAX_STEP_UPS = 3
 
 
 def run_budget(explorer: Explorer, layers: list[LayerSpec], config: CompressConfig,
@@ -77,10 +77,11 @@ def run_budget(explorer: Explorer, layers: list[LayerSpec], config: CompressConf
         while ver is not None and ver["accuracy_loss_pp"] > config.max_loss and steps < MAX_STEP_UPS:
             steps += 1
             # aim the selection loss lower by the excess seen on the verification samples (the loss grows about in
-            # proportion to the total proxy here), at least 10% and at most 70% less proxy
+            # proportion to the total proxy here), between 15% and 40% less proxy a step: the excess is partly the
+            # noise of a few thousand held-out samples, so several small steps cost less ratio than one large one
             sel = 100.0 * (ref - chosen[3].correct) / n
             want = sel - (ver["accuracy_loss_pp"] - config.max_loss)
-            ratio = min(0.9, max(0.3, want / sel)) if sel > 0 else 0.5
+            ratio = min(0.85, max(0.6, want / sel)) if sel > 0 else 0.6
             logp = np.log(np.maximum([a.proxy for a in front], 1e-12))
             nxt = int(np.argmin(np.abs(logp - (logp[chosen[0]] + np.log(ratio)))))
             nxt = min(len(front) - 1, max(nxt, chosen[0] + 1))
