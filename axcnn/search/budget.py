@@ -22,12 +22,12 @@ import time
 
 import numpy as np
 
-from axcnn.allocate import Allocation, frontier
+from axcnn.allocate import Allocation
 from axcnn.config import CompressConfig
-from axcnn.errors import AxcnnError, BudgetNotMet
+from axcnn.errors import BudgetNotMet
 from axcnn.explore import Exploration, Explorer
 from axcnn.model import LayerSpec
-from axcnn.search.sensitivity import Sensitivity, build_decisions, choice, options, sensitivity_section, verify
+from axcnn.search.sensitivity import build_decisions, choice, predicted_front, sensitivity_section, verify
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +48,8 @@ def run_budget(explorer: Explorer, layers: list[LayerSpec], config: CompressConf
     """Run budget mode; return the Exploration (decisions with their repairs) and the budget report section."""
     progress = progress or (lambda *a, **k: None)
     t_start = time.perf_counter()
-    search = Sensitivity(explorer, layers, config, verification)
-    tab = search.table(progress)
-    idx, costs, proxies = options(tab)
-    if not idx:
-        raise AxcnnError("no layer can be made smaller with K in "
-                         f"[{config.kmin}, {config.kmax}]")
-    dense_bits = sum(layer.site.spec.weights * layer.site.spec.bits for layer in tab if layer.entries)
-    front = frontier(costs, proxies)
+    pf = predicted_front(explorer, layers, config, verification, progress)
+    search, tab, idx, front, dense_bits = pf.search, pf.table, pf.idx, pf.allocations, pf.dense_bits
     n = len(explorer.labels)
     ref = explorer.reference_correct
     looks: list[dict] = []

@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from axcnn.allocate import frontier
 from axcnn.config import CompressConfig
-from axcnn.errors import AxcnnError, BudgetNotMet
+from axcnn.errors import BudgetNotMet
 from axcnn.explore import Exploration, Explorer, LayerDecision
 from axcnn.model import LayerSpec
-from axcnn.search.sensitivity import Sensitivity, build_decisions, choice, options, sensitivity_section, verify
+from axcnn.search.sensitivity import build_decisions, choice, predicted_front, sensitivity_section, verify
 
 log = logging.getLogger(__name__)
 
@@ -120,13 +119,8 @@ def run_pareto(explorer: Explorer, layers: list[LayerSpec], config: CompressConf
     """Run Pareto mode; return the chosen network's Exploration, the report section, and every measured point."""
     progress = progress or (lambda *a, **k: None)
     t_start = time.perf_counter()
-    search = Sensitivity(explorer, layers, config, verification)
-    tab = search.table(progress)
-    idx, costs, proxies = options(tab)
-    if not idx:
-        raise AxcnnError(f"no layer can be made smaller with K in [{config.kmin}, {config.kmax}]")
-    dense_bits = sum(layer.site.spec.weights * layer.site.spec.bits for layer in tab if layer.entries)
-    front = frontier(costs, proxies)
+    pf = predicted_front(explorer, layers, config, verification, progress)
+    search, tab, idx, front, dense_bits = pf.search, pf.table, pf.idx, pf.allocations, pf.dense_bits
     n, ref = len(explorer.labels), explorer.reference_correct
     points: list[Point] = []
     for j in spread(np.array([a.proxy for a in front]), config.beam):

@@ -26,7 +26,7 @@ import onnx
 from onnx import numpy_helper
 
 from axcnn import affine, correct, estimate, score
-from axcnn.allocate import Allocation
+from axcnn.allocate import Allocation, frontier
 from axcnn.cluster import index_bits
 from axcnn.config import CompressConfig
 from axcnn.errors import AxcnnError
@@ -377,6 +377,32 @@ def search_sharings(config: CompressConfig) -> list[Sharing]:
     if config.granularity == "auto":
         return [LAYER, Sharing("channel", config.group_size), Sharing("layer", vector_dim=2)]
     return [Sharing(config.granularity, config.group_size, config.vector_dim)]
+
+
+@dataclass
+class Front:
+    """The sensitivity table of a network and the front of allocations it predicts."""
+
+    search: Sensitivity
+    table: list[Layer]
+    idx: list[int]  # the layers with options, in table order
+    allocations: list[Allocation]  # smallest total bits first
+    dense_bits: int  # Eq. 1 bits of those layers before sharing
+
+    def choice(self, a: Allocation) -> dict[int, tuple[Sharing, int]]:
+        return choice(self.table, self.idx, a)
+
+
+def predicted_front(explorer: Explorer, layers: list[LayerSpec], config: CompressConfig,
+                    verification: tuple[np.ndarray, np.ndarray] | None, progress) -> Front:
+    """Measure the sensitivity table and allocate bits over it (what the budget and Pareto searches share)."""
+    search = Sensitivity(explorer, layers, config, verification)
+    tab = search.table(progress)
+    idx, costs, proxies = options(tab)
+    if not idx:
+        raise AxcnnError(f"no layer can be made smaller with K in [{config.kmin}, {config.kmax}]")
+    dense_bits = sum(layer.site.spec.weights * layer.site.spec.bits for layer in tab if layer.entries)
+    return Front(search, tab, idx, frontier(costs, proxies), dense_bits)
 
 
 def options(layers: list[Layer]) -> tuple[list[int], list[list[int]], list[list[float]]]:
