@@ -134,12 +134,16 @@ def build(*, model_path, output_path, settings, exploration, skipped: Sequence[S
             "clustering_s": sum(d.clustering_s for d in exploration.decisions),
             "estimate_s": estimate_s,
             "scoring_s": scoring_s,
-            "candidates_scored": sum(c.scored for d in exploration.decisions for c in d.candidates)
-            - candidates_resumed,
+            # budget and Pareto modes: the table's entries run end to end plus the networks assembled and measured
+            "candidates_scored": (section["search_counts"]["measured_entries"] + section["search_counts"]
+                                  ["assemblies"]) if "search_counts" in section else
+            sum(c.scored for d in exploration.decisions for c in d.candidates) - candidates_resumed,
             "candidates_resumed": candidates_resumed,
             "candidates_stopped_early": sum(c.stopped_early for d in exploration.decisions for c in d.candidates),
             "t_pass_s": exploration.t_pass_s,
-            "cost_t_pass": (scoring_s + estimate_s) / exploration.t_pass_s if exploration.t_pass_s else None,
+            # the whole search (budget and Pareto modes: table, assemblies, measurements) in passes of the dense model
+            "cost_t_pass": ((section["search_s"] if "search_s" in section else scoring_s + estimate_s)
+                            / exploration.t_pass_s if exploration.t_pass_s else None),
             "final_check_s": final_check_s,
             "total_s": total_s,
         },
