@@ -225,3 +225,56 @@ def test_auto_granularity_lets_the_search_choose_per_layer(tmp_path):
         assert (records[layer["name"]]["granularity"], records[layer["name"]]["vector_dim"]) == (
             layer["granularity"], layer["vector_dim"])
     assert rep["evaluation"]["verification"]["accuracy_loss_pp"] <= 5.0
+
+
+# ------------------------------------------------------------------------------------------------- journal
+
+
+def test_budget_run_stopped_and_resumed_writes_the_same_bytes_and_rescores_nothing_journaled(tmp_path, monkeypatch):
+    """The sensitivity entries and the networks measured are journaled as they land; a run interrupted during the
+    search and resumed takes them from the journal and writes what an uninterrupted run writes."""
+    from axcnn.search.sensitivity import Sensitivity
+
+    mp, dp, _, _ = _files(tmp_path)
+    cfg = CompressConfig(max_loss=5.0, **BASE)
+    whole = compress(mp, dp, tmp_path / "whole.onnx", None, cfg, run_dir=tmp_path / "run_whole").report
+
+    real = Sensitivity.assemble
+    calls = {"n": 0}
+
+    def flaky(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Sensitivity, "assemble", flaky)
+    out = tmp_path / "o.onnx"
+    with pytest.raises(KeyboardInterrupt):
+        compress(mp, dp, out, None, cfg, run_dir=tmp_path / "run")
+    assert not out.exists() and (tmp_path / "run").is_dir()
+    monkeypatch.setattr(Sensitivity, "assemble", real)
+    resumed = compress(mp, dp, out, None, cfg, run_dir=tmp_path / "run", resume=True).report
+    assert out.read_bytes() == (tmp_path / "whole.onnx").read_bytes()
+    assert resumed["timing"]["candidates_resumed"] > 0
+    assert resumed["timing"]["candidates_scored"] < whole["timing"]["candidates_scored"]
+    assert [layer["k"] for layer in resumed["layers"]] == [layer["k"] for layer in whole["layers"]]
+
+
+def test_pareto_points_scored_through_the_executor_map(tmp_path, monkeypatch):
+    """Pareto mode scores its networks as independent tasks of the executor (Ray runs them remotely)."""
+    from axcnn.executor import LocalExecutor
+
+    seen = []
+    real = LocalExecutor.map
+
+    def spy(self, fn, items):
+        items = list(items)
+        seen.append(len(items))
+        return real(self, fn, items)
+
+    monkeypatch.setattr(LocalExecutor, "map", spy)
+    mp, dp, _, _ = _files(tmp_path)
+    rep = compress(mp, dp, tmp_path / "o.onnx", None, CompressConfig(pareto=True, beam=4, **BASE)).report
+    assert rep["pareto"]["measured"] in seen  # the front's networks in one map
+    assert len(seen) > 1  # and the table's entries, layer by layer

@@ -222,3 +222,25 @@ def test_compress_on_ray_makes_the_local_choices_and_the_report_says_ray(ray_ex,
     assert remote["settings"]["executor"] == "ray" and ex["name"] == "ray" and not ex["connected_by_run"]
     assert ex["batches_read"] > 0 and ex["worker_providers"] == ["CPUExecutionProvider"]
     assert ray.is_initialized()  # a connection the run did not open is left open
+
+
+def test_budget_and_pareto_on_ray_measure_what_local_runs_measure(ray_ex, tmp_path):
+    """The sensitivity entries and the Pareto front's networks run as Ray tasks; the table, the choices and the
+    written bytes are those of a local run."""
+    model = tiny_cnn(seed=7)
+    x, y = tiny_data(model, n=160, noise=0.05)
+    mp, dp = tmp_path / "m.onnx", tmp_path / "d.npz"
+    onnx.save(model, mp)
+    np.savez(dp, x=x, y=y)
+    base = dict(kmin=2, kmax=64, min_weights=16, batch_size=32, calib=48)
+    for name, mode in (("budget", dict(max_loss=20.0)), ("pareto", dict(pareto=True, beam=3, pick="loss:20"))):
+        local = compress(mp, dp, tmp_path / f"{name}_l.onnx", None, CompressConfig(**base, **mode)).report
+        remote = compress(mp, dp, tmp_path / f"{name}_r.onnx", None,
+                          CompressConfig(executor="ray", **base, **mode)).report
+        assert remote["sensitivity"] == local["sensitivity"]
+        assert [la["k"] for la in remote["layers"]] == [la["k"] for la in local["layers"]]
+        # the files differ only in the settings they record (the executor)
+        weights = [{t.name: t.SerializeToString() for t in onnx.load(str(tmp_path / f"{name}_{w}.onnx")).graph
+                    .initializer} for w in "lr"]
+        assert weights[0] == weights[1]
+        assert remote["tool"]["executor"]["name"] == "ray"

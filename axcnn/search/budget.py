@@ -27,7 +27,8 @@ from axcnn.config import CompressConfig
 from axcnn.errors import BudgetNotMet
 from axcnn.explore import Exploration, Explorer
 from axcnn.model import LayerSpec
-from axcnn.search.sensitivity import build_decisions, choice, predicted_front, sensitivity_section, verify
+from axcnn.search.measure import verify
+from axcnn.search.sensitivity import build_decisions, choice, predicted_front, sensitivity_section
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,7 @@ def run_budget(explorer: Explorer, layers: list[LayerSpec], config: CompressConf
         ver = verify(search, model, verification)
 
     j, model, picked, c = chosen
+    explorer.candidates_resumed += search.resumed
     decisions = build_decisions(search, tab, picked)
     skipped = tuple((layer.site.spec.name, "no K in range makes it smaller") for layer in tab if not layer.entries)
     section = {

@@ -23,7 +23,8 @@ from axcnn.config import CompressConfig
 from axcnn.errors import BudgetNotMet
 from axcnn.explore import Exploration, Explorer, LayerDecision
 from axcnn.model import LayerSpec
-from axcnn.search.sensitivity import build_decisions, choice, predicted_front, sensitivity_section, verify
+from axcnn.search.measure import measure_many
+from axcnn.search.sensitivity import build_decisions, choice, predicted_front, sensitivity_section
 
 log = logging.getLogger(__name__)
 
@@ -123,17 +124,18 @@ def run_pareto(explorer: Explorer, layers: list[LayerSpec], config: CompressConf
     search, tab, idx, front, dense_bits = pf.search, pf.table, pf.idx, pf.allocations, pf.dense_bits
     n, ref = len(explorer.labels), explorer.reference_correct
     points: list[Point] = []
-    for j in spread(np.array([a.proxy for a in front]), config.beam):
+    spots = spread(np.array([a.proxy for a in front]), config.beam)
+    built = [search.assemble(tab, choice(tab, idx, front[j])) for j in spots]
+    for j, (model, picked), (c, ver) in zip(spots, built, measure_many(search, [m for m, _ in built], verification),
+                                            strict=True):
         a = front[j]
-        model, picked = search.assemble(tab, choice(tab, idx, a))
-        c = search.measure(model, None)
         sel = {"samples": n, "reference_score": ref / n, "final_score": c.correct / n,
                "accuracy_loss_pp": round(100.0 * (ref - c.correct) / n, 6)}
-        ver = verify(search, model, verification)
         points.append(Point(j, a.bits, dense_bits / a.bits, a.proxy, sel, ver, model,
                             build_decisions(search, tab, picked)))
         log.info("front point: ratio %.2f, loss %.2f pp on the %s samples", dense_bits / a.bits,
                  points[-1].loss_pp, points[-1].measured_on)
+    explorer.candidates_resumed += search.resumed
     mark_dominated(points)
     chosen = pick(points, config.pick)
     section = {

@@ -32,6 +32,7 @@ from axcnn.config import CompressConfig
 from axcnn.errors import AxcnnError
 from axcnn.explore import Candidate, Explorer, LayerDecision, calibration_indices
 from axcnn.model import LayerSpec
+from axcnn.search.measure import digest, entry_runner
 from axcnn.search.sites import Site, dense_rows_bias, sites
 from axcnn.sharing import LAYER, Sharing, SharingTable, cluster_layer
 
@@ -111,6 +112,9 @@ class Sensitivity:
         self.ver_ref = None if verification is None else score.correct_mask(
             self.dense, self.runner, self.io, verification[0], verification[1], config.metric, config.batch_size)
         self.sharings = search_sharings(config)
+        self.journal = explorer.journal  # measurements are recorded there, and taken from it on resume
+        self.executor = explorer.executor  # where the table's entries run
+        self.resumed = 0
         self.x_rep = self.x_cal[:REPAIR_SAMPLES]  # the sequential repair's samples (a prefix of a random draw)
         self.scoring_s = 0.0
         self.passes = 0.0  # scoring work in units of one pass over the selection samples
@@ -222,21 +226,28 @@ class Sensitivity:
             plan = score.Plan(model, score.weight_proto(model, spec.name), chain.feeds, chain.sizes, "suffix",
                               tuple(boundary))
             names = [spec.name] + ([site.affine.scale, site.affine.bias] if repaired else [])
-            run = score.tensors_as_inputs(plan, self.runner, self.io.output_name, names)
             first = next(iter(tables))
             widths = sorted(w for (sh, w) in best if sh == first)
             predictable = mom is not None
-            to_measure = [(first, w) for w in _widths_to_measure(widths, predictable)]
+            to_measure = [best[first, w] for w in _widths_to_measure(widths, predictable)]
             if not predictable:  # nothing to predict from: every candidate is measured
-                to_measure = sorted(best, key=lambda sw: (sw[0].describe(), sw[1]))
+                to_measure = sorted(best.values(), key=lambda sk: (sk[0].describe(), sk[1]))
             measured: dict[tuple[Sharing, int], tuple[float, float]] = {}
-            for sw in to_measure:
-                sharing, k = best[sw]
-                out_k = run(self._arrays(site, tables[sharing].get(k), fits[sharing, k]))
-                kl = max(estimate.mean_kl(self.ref_logp, estimate.log_probs(out_k, self.kind)), 0.0)
-                loss = 100.0 * (self.ref_cal_correct - score.count_correct(out_k, self.y_cal, cfg.metric)) / len(
-                    self.y_cal)
-                measured[best[sw]] = (kl, loss)
+            todo = []
+            for sharing, k in to_measure:
+                got = self._recorded("sensitivity", (spec.name, sharing.describe(), k))
+                if got is not None:
+                    measured[sharing, k] = tuple(got)
+                else:
+                    todo.append((sharing, k))
+            run = entry_runner(plan, names, self.io.output_name, self.cfg.device, self.ref_logp, self.kind,
+                                self.y_cal, self.ref_cal_correct, cfg.metric)
+            items = [self._arrays(site, tables[sh].get(k), fits[sh, k]) for sh, k in todo]
+            for j, result in self.executor.map(run, items):
+                sharing, k = todo[j]
+                measured[sharing, k] = result
+                if self.journal is not None:
+                    self.journal.put("sensitivity", (spec.name, sharing.describe(), k), list(result))
                 progress("candidate", k=k, stopped_early=False)
             ratio = _kl_per_error(measured, analytic)
             entries: list[Entry] = []
@@ -245,9 +256,9 @@ class Sensitivity:
                 t = tables[sharing]
                 entries.append(Entry(spec.name, k, t.eq1_bits(k) + extra, kl, loss, analytic[sharing, k],
                                      t.inertia(k), (sharing, k) in measured, sharing))
-            self.counts["measured_entries"] += len(measured)
+            self.counts["measured_entries"] += len(todo)
             self.scoring_s += time.perf_counter() - t1
-            self.passes += len(measured) * len(self.y_cal) / max(1, len(self.ex.labels))
+            self.passes += len(todo) * len(self.y_cal) / max(1, len(self.ex.labels))
             log.info("%s: %d of %d candidates measured (%.1fs clustering and fits)", spec.name, len(measured),
                      len(entries), t_cluster)
             out.append(Layer(site, tables, entries, extra, {e.key: fits[e.key] for e in entries}, mom))
@@ -345,10 +356,22 @@ class Sensitivity:
         z = zb.astype(np.float64) - stored.reshape(shape)
         return correct.fit_outputs(z, y, axis, dense_rows_bias(site), scale=self.repair == "scale")
 
+    def _recorded(self, kind: str, key: tuple):
+        got = None if self.journal is None else self.journal.get(kind, key)
+        if got is not None:
+            self.resumed += 1
+        return got
+
     def measure(self, model: onnx.ModelProto, max_wrong: int | None) -> score.Count:
+        key = (digest(model), max_wrong)
+        got = self._recorded("network", key)
+        if got is not None:
+            return score.Count(*got)
         x, y = self.ex.samples()
         t0 = time.perf_counter()
         c = score.count_bounded(model, self.runner, self.io, x, y, self.cfg.metric, self.cfg.batch_size, max_wrong)
+        if self.journal is not None:
+            self.journal.put("network", key, [c.correct, c.seen, c.stopped])
         self.scoring_s += time.perf_counter() - t0
         self.times["measure"] += time.perf_counter() - t0
         self.passes += c.seen / max(1, len(y))
@@ -446,15 +469,3 @@ def sensitivity_section(search: Sensitivity, tab: list[Layer]) -> dict:
                      "measured": e.measured, **e.sharing.as_dict()}
                     for layer in tab for e in layer.entries],
     }
-
-
-def verify(search: Sensitivity, model: onnx.ModelProto, verification) -> dict | None:
-    if verification is None:
-        return None
-    x, y = verification
-    ref = search.ver_ref
-    t0 = time.perf_counter()
-    mask = score.correct_mask(model, search.runner, search.io, x, y, search.cfg.metric, search.cfg.batch_size)
-    search.scoring_s += time.perf_counter() - t0
-    search.times["verify"] += time.perf_counter() - t0
-    return score.paired_loss(ref, mask)
