@@ -114,7 +114,7 @@ class CompressConfig:
     # -- Pareto mode (Algorithm 3) ----------------------------------------------------------------------------------
     pareto: bool = opt(False, "Pareto mode (the paper's Algorithm 3): measure a front of (accuracy loss, compression "
                        "ratio) networks and write the one --pick chooses.", "bool")
-    beam: int = opt(8, "Pareto mode: how many networks of the predicted front are assembled and measured.", "int",
+    beam: int = opt(10, "Pareto mode: how many networks of the predicted front are assembled and measured.", "int",
                     check=at_least(2), allowed="an integer >= 2")
     pick: str | None = opt(None, f"Pareto mode: which front point is written: {PICK_FORMS}.", "str",
                            check=_pick_ok, allowed=PICK_FORMS, default_text="loss:1")

@@ -189,7 +189,7 @@ def test_pareto_writes_a_front_of_non_dominated_points_and_the_picked_one(tmp_pa
                        and (q["accuracy_loss_pp"], q["compression_ratio"]) != (p["accuracy_loss_pp"],
                                                                                p["compression_ratio"])
                        for q in front)
-        assert p["measured_on"] == "verification" and p["samples"] == 90
+        assert p["measured_on"] == "selection" and p["samples"] == 210 and p["verification"]["samples"] == 90
     chosen = next(p for p in front if p["chosen"])
     assert chosen["accuracy_loss_pp"] <= 5.0
     assert max(p["compression_ratio"] for p in front if p["accuracy_loss_pp"] <= 5.0) == chosen["compression_ratio"]
