@@ -25,7 +25,6 @@ padding.  Rows of ``centroids`` are therefore sorted non-decreasing (strictly in
 from __future__ import annotations
 
 import logging
-import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -33,7 +32,15 @@ import numpy as np
 
 from axcnn.cluster import _kernels as kern
 from axcnn.cluster.eq1 import index_dtype
-from axcnn.cluster.scalar import ClusterTable, as_int, check_values, check_weights, cluster_range, format_ks
+from axcnn.cluster.scalar import (
+    ClusterTable,
+    as_int,
+    candidate_k,
+    check_values,
+    check_weights,
+    cluster_range,
+    format_ks,
+)
 
 __all__ = ["GRANULARITIES", "GroupClustering", "GroupSpec", "GroupTable", "check_ks", "cluster_groups"]
 
@@ -194,13 +201,7 @@ class GroupTable:
         self._cache: dict[int, GroupClustering] = {}
 
     def _check(self, k: int) -> int:
-        try:
-            k = operator.index(k)
-        except TypeError:
-            raise KeyError(f"K must be an integer, got {k!r}") from None
-        if k not in self._pos:
-            raise KeyError(f"K={k} is not a candidate of this table; available K: {format_ks(self.ks)}")
-        return k
+        return candidate_k(k, self._pos, self.ks)
 
     def inertia(self, k: int) -> float:
         """Total (weighted) SSE of the ``K = k`` solution (exact, float64)."""

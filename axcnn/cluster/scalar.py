@@ -139,16 +139,8 @@ class ClusterTable:
         self._cache: dict[int, Clustering] = dict(cache or {})
 
     def _check(self, k: int) -> int:
-        try:
-            k = operator.index(k)
-        except TypeError:
-            raise KeyError(f"K must be an integer, got {k!r}") from None
-        if k not in self._inertias:
-            raise KeyError(
-                f"K={k} is not a candidate of this table; available K: {format_ks(self.ks)}"
-                + (f" (clamped to the {self.n_unique} unique values)" if self.clamped else "")
-            )
-        return k
+        note = f" (clamped to the {self.n_unique} unique values)" if self.clamped else ""
+        return candidate_k(k, self._inertias, self.ks, note)
 
     def inertia(self, k: int) -> float:
         """Within-cluster (weighted) sum of squares, exact float64 on the original values, of ``K = k``."""
@@ -174,6 +166,17 @@ class ClusterTable:
             f"ClusterTable(backend={self.backend!r}, ks={format_ks(self.ks)}, n_unique={self.n_unique}, "
             f"clamped={self.clamped}, binned={self.binned}, weighted={self.weighted})"
         )
+
+
+def candidate_k(k: object, available, ks: tuple[int, ...], note: str = "") -> int:
+    """``k`` as an int if it is one of a table's candidates (``available``); else a KeyError listing ``ks``."""
+    try:
+        k = operator.index(k)
+    except TypeError:
+        raise KeyError(f"K must be an integer, got {k!r}") from None
+    if k not in available:
+        raise KeyError(f"K={k} is not a candidate of this table; available K: {format_ks(ks)}{note}")
+    return k
 
 
 def format_ks(ks: tuple[int, ...]) -> str:

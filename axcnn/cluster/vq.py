@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -32,7 +31,7 @@ import numpy as np
 from axcnn.cluster._lloyd import kmeanspp, lloyd
 from axcnn.cluster.eq1 import index_dtype
 from axcnn.cluster.groups import check_ks
-from axcnn.cluster.scalar import as_int, check_values, check_weights, format_ks
+from axcnn.cluster.scalar import as_int, candidate_k, check_values, check_weights, format_ks
 
 __all__ = ["VectorClustering", "VectorTable", "cluster_vectors", "index_shape", "n_vectors"]
 
@@ -142,13 +141,7 @@ class VectorTable:
         self._sol = solutions
 
     def _check(self, k: int) -> int:
-        try:
-            k = operator.index(k)
-        except TypeError:
-            raise KeyError(f"K must be an integer, got {k!r}") from None
-        if k not in self._sol:
-            raise KeyError(f"K={k} is not a candidate of this table; available K: {format_ks(self.ks)}")
-        return k
+        return candidate_k(k, self._sol, self.ks)
 
     def inertia(self, k: int) -> float:
         """(Weighted) SSE of the ``K = k`` solution."""
