@@ -227,6 +227,33 @@ def test_auto_granularity_lets_the_search_choose_per_layer(tmp_path):
     assert rep["evaluation"]["verification"]["accuracy_loss_pp"] <= 5.0
 
 
+# a loose budget: on this tiny net, vectors of its 72-weight first layer cannot be near lossless (a codebook of more
+# than 16 pairs would outweigh the layer, and the search offers no K that makes a layer bigger than dense)
+@pytest.mark.parametrize("mode", [{"max_loss": 25.0}, {"pareto": True, "beam": 3}])
+@pytest.mark.parametrize("sharing", [{"granularity": "channel", "group_size": 3}, {"granularity": "kernel"},
+                                     {"vector_dim": 2}])
+def test_budget_and_pareto_take_one_fixed_sharing_for_every_layer(tmp_path, mode, sharing):
+    """A fixed granularity (or 2-D vectors) applies to every layer the search shares; the file decodes to what the
+    report says and runs."""
+    mp, dp, x, _ = _files(tmp_path)
+    out = tmp_path / "o.onnx"
+    rep = compress(mp, dp, out, None, CompressConfig(**mode, **sharing, **BASE)).report
+    want = (sharing.get("granularity", "layer"), sharing.get("vector_dim", 1))
+    # kernel granularity leaves the Gemm one codebook (rank 2: no kernels), and the table says so
+    assert {(e["granularity"], e["vector_dim"]) for e in rep["sensitivity"]["entries"]} <= {want, ("layer", 1)}
+    assert want in {(e["granularity"], e["vector_dim"]) for e in rep["sensitivity"]["entries"]}
+    written = onnx.load(str(out))
+    onnx.checker.check_model(written, full_check=True)
+    records = {r["name"]: r for r in rewrite.shared_layers(written)}
+    assert records
+    for layer in rep["layers"]:
+        # a layer that cannot take the sharing (kernel on a Gemm) keeps one codebook, and says why
+        got = (records[layer["name"]]["granularity"], records[layer["name"]]["vector_dim"])
+        assert got == (layer["granularity"], layer["vector_dim"])
+        assert got == want or layer.get("granularity_note")
+    assert np.isfinite(_outputs(out, x[:10])).all()
+
+
 # ------------------------------------------------------------------------------------------------- journal
 
 
