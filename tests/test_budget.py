@@ -106,6 +106,26 @@ def test_budget_never_reported_met_when_verification_says_otherwise(tmp_path, mo
     assert not out.exists() and not (tmp_path / "r.json").exists()
 
 
+def test_each_verification_is_reported_and_a_failed_one_steps_to_a_more_accurate_network(tmp_path, monkeypatch):
+    mp, dp, _, _ = _files(tmp_path)
+    real = score.paired_loss
+    calls = []
+
+    def first_fails(ref, cand):
+        r = real(ref, cand)
+        calls.append(r)
+        return {**r, "accuracy_loss_pp": 50.0} if len(calls) == 1 else r
+
+    monkeypatch.setattr(score, "paired_loss", first_fails)
+    rep = compress(mp, dp, tmp_path / "o.onnx", None, CompressConfig(max_loss=20.0, **BASE)).report
+    checks = rep["budget"]["verifications"]
+    assert rep["budget"]["verification_checks"] == len(checks) >= 2
+    assert checks[0]["verification_loss_pp"] == 50.0
+    assert checks[1]["compression_ratio"] < checks[0]["compression_ratio"]
+    assert checks[-1]["verification_loss_pp"] == rep["evaluation"]["verification"]["accuracy_loss_pp"] <= 20.0
+    assert checks[-1]["compression_ratio"] == pytest.approx(rep["compression_ratio"])
+
+
 def test_unreachable_budget_names_the_best_loss(tmp_path):
     mp, dp, _, _ = _files(tmp_path, noise=0.0)
     with pytest.raises(BudgetNotMet, match=r"the most accurate one found loses (more than )?[0-9.]+ pp"):

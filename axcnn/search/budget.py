@@ -63,12 +63,14 @@ def run_budget(explorer: Explorer, layers: list[LayerSpec], config: CompressConf
                       "stopped_early": c.stopped, "samples_seen": c.seen})
         return model, picked, c
 
+    checks: list[dict] = []  # every verification, in order: what the held-out samples said of each network checked
     if config.max_loss is not None:
         allowed = (n - ref) + math.floor(config.max_loss / 100.0 * n + 1e-9)
         best = _search_front(front, evaluate, allowed, n, ref, config)
         chosen = best
         steps = 0
         ver = verify(search, chosen[1], verification)
+        _record_check(checks, front[chosen[0]], dense_bits, chosen[3], ref, n, ver)
         while ver is not None and ver["accuracy_loss_pp"] > config.max_loss and steps < MAX_STEP_UPS:
             steps += 1
             # aim the selection loss lower by the excess seen on the verification samples (the loss grows about in
@@ -87,6 +89,7 @@ def run_budget(explorer: Explorer, layers: list[LayerSpec], config: CompressConf
             model, picked, c = evaluate(front[nxt], None)
             chosen = (nxt, model, picked, c)
             ver = verify(search, model, verification)
+            _record_check(checks, front[nxt], dense_bits, c, ref, n, ver)
         if ver is not None and ver["accuracy_loss_pp"] > config.max_loss:
             raise BudgetNotMet(
                 f"the budget --max-loss {config.max_loss:g} pp is not met on the {ver['samples']} held-out "
@@ -109,6 +112,7 @@ def run_budget(explorer: Explorer, layers: list[LayerSpec], config: CompressConf
         chosen = (j, model, picked, c)
         steps = 0
         ver = verify(search, model, verification)
+        _record_check(checks, front[j], dense_bits, c, ref, n, ver)
 
     j, model, picked, c = chosen
     explorer.candidates_resumed += search.resumed
@@ -117,7 +121,7 @@ def run_budget(explorer: Explorer, layers: list[LayerSpec], config: CompressConf
     section = {
         "mode": "budget",
         "budget": {"max_loss_pp": config.max_loss, "target_cr": config.target_cr, "met": True,
-                   "verification_checks": 0 if verification is None else steps + 1,
+                   "verification_checks": 0 if verification is None else steps + 1, "verifications": checks,
                    "measured_points": looks, "front_points": len(front)},
         "sensitivity": sensitivity_section(search, tab),
         "search_cost_passes": search.passes,
@@ -128,6 +132,12 @@ def run_budget(explorer: Explorer, layers: list[LayerSpec], config: CompressConf
     exploration = Exploration(tuple(decisions), skipped, explorer.reference_correct, n, explorer.t_pass_s,
                               "kl", final_model=model, scoring_s=search.scoring_s)
     return exploration, section
+
+
+def _record_check(checks: list[dict], a: Allocation, dense_bits: int, c, ref: int, n: int, ver: dict | None) -> None:
+    if ver is not None:
+        checks.append({"compression_ratio": dense_bits / a.bits, "selection_loss_pp": 100.0 * (ref - c.correct) / n,
+                       "verification_loss_pp": ver["accuracy_loss_pp"], "ci95_pp": ver["ci95_pp"]})
 
 
 def _search_front(front: list[Allocation], evaluate, allowed: int, n: int, ref: int, config: CompressConfig):
