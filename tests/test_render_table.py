@@ -109,3 +109,14 @@ def test_text_table_is_still_importable_from_report_for_inspect():
 
     assert _table is text_table
     assert text_table(["a", "bb"], [["x", "1"], ["yyy", "22"]]) == ["a    bb", "---  --", "x     1", "yyy  22"]
+
+
+def test_budget_text_names_the_verifications_refused_on_the_way():
+    from axcnn.render.common import budget_text
+
+    rep = {"budget": {"max_loss_pp": 0.5, "met": True, "verification_checks": 2, "verifications": [
+        {"compression_ratio": 8.4, "selection_loss_pp": 0.46, "verification_loss_pp": 0.93, "ci95_pp": [0, 1.9]},
+        {"compression_ratio": 8.05, "selection_loss_pp": 0.29, "verification_loss_pp": 0.27, "ci95_pp": [-0.5, 1]}]}}
+    assert budget_text(rep) == "max loss 0.50 pp: met on verification check 2 (refused: 0.93 pp at 8.40x)"
+    rep["budget"]["verifications"] = rep["budget"]["verifications"][1:]
+    assert budget_text(rep) == "max loss 0.50 pp: met"

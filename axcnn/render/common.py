@@ -106,6 +106,12 @@ def budget_text(rep: dict) -> str | None:
         goals.append(f"target CR {b['target_cr']:.2f}x")
     met = b.get("met")
     verdict = "met" if met is True else "NOT met" if met is False else "unknown"
+    checks = b.get("verifications")
+    if isinstance(checks, list) and len(checks) > 1:
+        # a pass after step-downs: say what the held-out samples said of the networks refused on the way
+        refused = ", ".join(f"{c['verification_loss_pp']:.2f} pp at {c['compression_ratio']:.2f}x" for c in checks[:-1]
+                            if is_num(c.get("verification_loss_pp")) and is_num(c.get("compression_ratio")))
+        verdict += f" on verification check {len(checks)} (refused: {refused})"
     return f"{', '.join(goals) or 'no goal recorded'}: {verdict}"
 
 

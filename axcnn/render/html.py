@@ -106,7 +106,7 @@ def render_html(rep: dict, plots: list | None = None, plots_note: str | None = N
         parts.append(f'<div class="alert">{_e(note[0].upper() + note[1:])}.</div>')
     b = rep.get("budget")
     if isinstance(b, dict) and b.get("met") is False:
-        goal = budget_text(rep).rsplit(":", 1)[0]
+        goal = budget_text(rep).split(": ", 1)[0]
         parts.append(f'<div class="alert warn">Budget not met: the goal was {_e(goal)}.</div>')
     parts.append(_cards(rep))
     parts.append("<h2>Summary</h2>" + _facts(summary_facts(rep)))
