@@ -27,8 +27,8 @@ def measure_many(search: Sensitivity, models: list[onnx.ModelProto], verificatio
     todo = []
     for i, m in enumerate(models):
         d = digest(m)
-        c = search._recorded("network", (d, None))
-        v = search._recorded("verification", (d,)) if verification is not None else None
+        c = search.recorded("network", (d, None))
+        v = search.recorded("verification", (d,)) if verification is not None else None
         if c is not None and (verification is None or v is not None):
             mask = None if v is None else np.unpackbits(np.frombuffer(bytes.fromhex(v), np.uint8))[:len(search.ver_ref)]
             out[i] = (score.Count(*c), None if mask is None else score.paired_loss(search.ver_ref, mask > 0))
@@ -99,7 +99,7 @@ def verify(search: Sensitivity, model: onnx.ModelProto, verification) -> dict | 
     x, y = verification
     ref = search.ver_ref
     key = (digest(model),)
-    got = search._recorded("verification", key)
+    got = search.recorded("verification", key)
     if got is not None:
         return score.paired_loss(ref, np.unpackbits(np.frombuffer(bytes.fromhex(got), np.uint8))[:len(ref)] > 0)
     t0 = time.perf_counter()

@@ -235,7 +235,7 @@ class Sensitivity:
             measured: dict[tuple[Sharing, int], tuple[float, float]] = {}
             todo = []
             for sharing, k in to_measure:
-                got = self._recorded("sensitivity", (spec.name, sharing.describe(), k))
+                got = self.recorded("sensitivity", (spec.name, sharing.describe(), k))
                 if got is not None:
                     measured[sharing, k] = tuple(got)
                 else:
@@ -356,7 +356,8 @@ class Sensitivity:
         z = zb.astype(np.float64) - stored.reshape(shape)
         return correct.fit_outputs(z, y, axis, dense_rows_bias(site), scale=self.repair == "scale")
 
-    def _recorded(self, kind: str, key: tuple):
+    def recorded(self, kind: str, key: tuple):
+        """What the journal of a stopped run recorded under (kind, key), counted as resumed; None if nothing."""
         got = None if self.journal is None else self.journal.get(kind, key)
         if got is not None:
             self.resumed += 1
@@ -364,7 +365,7 @@ class Sensitivity:
 
     def measure(self, model: onnx.ModelProto, max_wrong: int | None) -> score.Count:
         key = (digest(model), max_wrong)
-        got = self._recorded("network", key)
+        got = self.recorded("network", key)
         if got is not None:
             return score.Count(*got)
         x, y = self.ex.samples()
