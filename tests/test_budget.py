@@ -325,3 +325,67 @@ def test_pareto_points_scored_through_the_executor_map(tmp_path, monkeypatch):
     rep = compress(mp, dp, tmp_path / "o.onnx", None, CompressConfig(pareto=True, beam=4, **BASE)).report
     assert rep["pareto"]["measured"] in seen  # the front's networks in one map
     assert len(seen) > 1  # and the table's entries, layer by layer
+
+
+# ------------------------------------------------------------------------------------------------- the search
+
+
+def _synthetic_front(n_points=200):
+    """A front from 1e-3 to 1 nat, sizes falling as the proxy grows (index 0 = smallest network)."""
+    from axcnn.allocate import Allocation
+
+    proxies = np.geomspace(1.0, 1e-3, n_points)
+    bits = np.linspace(1e5, 4e5, n_points).astype(int)
+    return [Allocation((i,), int(b), float(p)) for i, (p, b) in enumerate(zip(proxies, bits, strict=True))]
+
+
+def _evaluator(front, slope, n, ref, noise_rng=None):
+    """Extra errors = slope * proxy samples (plus noise): the relation the search fits."""
+    calls = []
+
+    def evaluate(a, max_wrong):
+        extra = slope * a.proxy * n + (noise_rng.normal(0, 8) if noise_rng is not None else 0.0)
+        wrong = (n - ref) + max(int(round(extra)), -(n - ref))
+        calls.append(a.choice[0])
+        if max_wrong is not None and wrong > max_wrong:
+            return None, None, score.Count(correct=n - max_wrong - 1, seen=n // 3, stopped=True)
+        return None, {"index": a.choice[0]}, score.Count(correct=n - wrong, seen=n, stopped=False)
+
+    return evaluate, calls
+
+
+@pytest.mark.parametrize("budget", [0.25, 0.5, 1.0, 2.0])
+def test_search_lands_on_the_budget_of_a_noiseless_front(budget):
+    from axcnn.search.budget import MAX_EVALS, _search_front
+
+    front, n, ref = _synthetic_front(), 5000, 4000
+    evaluate, calls = _evaluator(front, 0.12, n, ref)  # 1 pp per 0.083 nat, as ResNet-20 measured
+    allowed = (n - ref) + int(budget / 100 * n)
+    j, _, _, c = _search_front(front, evaluate, allowed, n, ref, CompressConfig(max_loss=budget))
+    assert n - c.correct <= allowed + 1
+    # the next smaller network would be over the budget (within rounding of one error)
+    assert j == 0 or 0.12 * front[j - 1].proxy * n >= allowed - (n - ref) - 1
+    assert len(set(calls)) <= MAX_EVALS + 1
+
+
+def test_search_pools_noisy_counts_and_stays_within_its_evaluations():
+    from axcnn.search.budget import MAX_EVALS, _search_front
+
+    front, n, ref = _synthetic_front(), 5000, 4000
+    picked = []
+    for seed in range(20):
+        evaluate, calls = _evaluator(front, 0.12, n, ref, np.random.default_rng(seed))
+        j, *_ = _search_front(front, evaluate, (n - ref) + 50, n, ref, CompressConfig(max_loss=1.0))
+        picked.append(0.12 * front[j].proxy * 100)  # the true loss, pp, of the network chosen
+        assert len(set(calls)) <= MAX_EVALS + 1
+    # unbiased around the budget (1 pp), not the largest network whose own noisy count happened to pass
+    assert 0.85 < np.median(picked) < 1.1 and max(picked) < 1.4
+
+
+def test_search_far_over_budget_everywhere_names_the_best_loss():
+    from axcnn.search.budget import _search_front
+
+    front, n, ref = _synthetic_front(), 5000, 4000
+    evaluate, _ = _evaluator(front, 500.0, n, ref)  # even the most accurate network loses 50 pp
+    with pytest.raises(BudgetNotMet, match="the most accurate one found loses"):
+        _search_front(front, evaluate, (n - ref) + 25, n, ref, CompressConfig(max_loss=0.5))
