@@ -32,10 +32,10 @@ from axcnn.search.sensitivity import build_decisions, choice, predicted_front, s
 
 log = logging.getLogger(__name__)
 
-#: where the search of the front starts (total proxy, nats), and the factor it steps by until it brackets the
-#: budget
+#: where the search of the front starts (total proxy, nats), and the factor it steps by when what it has measured
+#: gives the fit nothing to go on (no loss yet, or every network far over the budget)
 START_PROXY = 0.05
-BRACKET_STEP = 4.0
+STEP = 4.0
 #: at most this many networks assembled and measured to find the budget's point on the front ...
 MAX_EVALS = 6
 #: ... and none once the next would be within this fraction of the size of the last (they differ by noise there)
@@ -152,7 +152,7 @@ def _search_front(front: list[Allocation], evaluate, allowed: int, n: int, ref: 
     the front's point there is measured next, until the target lands on a point already measured or within
     ``RESOLVE`` of the size, at most ``MAX_EVALS`` assemblies. Choosing on the fit rather than on the largest
     network whose own count passed avoids favouring a network whose samples happened to go its way. Networks far
-    over the budget stop early and only say "too far": the next is ``BRACKET_STEP`` times less proxy.
+    over the budget stop early and only say "too far": the next is ``STEP`` times less proxy.
     Returns (index, model, picked, count) of the chosen point."""
     logp = np.log(np.maximum([a.proxy for a in front], 1e-12))  # decreasing with the index
     last = len(front) - 1
@@ -181,8 +181,8 @@ def _search_front(front: list[Allocation], evaluate, allowed: int, n: int, ref: 
         for _ in range(3):  # refit around the target (the relation bends a little over a decade of proxy)
             w = np.ones_like(p) if lt is None else np.exp(-0.5 * ((np.log(p) - lt) / TARGET_WIDTH) ** 2) + 1e-3
             a = float(np.sum(w * e * p) / np.sum(w * p * p))
-            if a <= 0:  # no loss measured yet: go BRACKET_STEP times further than the largest proxy measured
-                return float(np.log(p.max() * BRACKET_STEP))
+            if a <= 0:  # no loss measured yet: go STEP times further than the largest proxy measured
+                return float(np.log(p.max() * STEP))
             lt = float(np.log(max(extra, 0.5) / a))
         return lt
 
@@ -190,10 +190,10 @@ def _search_front(front: list[Allocation], evaluate, allowed: int, n: int, ref: 
     for _ in range(MAX_EVALS):
         wrong(j)
         lt = target()
-        if lt is None:  # all measured stopped early, far over the budget: BRACKET_STEP times less proxy
+        if lt is None:  # all measured stopped early, far over the budget: STEP times less proxy
             if j == last:
                 break
-            nxt = max(j + 1, index_of(logp[j] - np.log(BRACKET_STEP)))
+            nxt = max(j + 1, index_of(logp[j] - np.log(STEP)))
         else:
             nxt = index_of(lt)
         if nxt in seen or abs(front[nxt].bits - front[j].bits) <= RESOLVE * front[j].bits:
