@@ -504,19 +504,29 @@ def best_first(plan: Plan, runner: Runner, output: str, candidates: dict[int, np
                 best = r
             finish(r, False)
 
-    for r in race:
+    drive_race(race, lead, total, step, finish, lambda: best)
+    return results
+
+
+def drive_race(runs: list, lead: int, total: int, step: Callable, finish: Callable, incumbent: Callable) -> None:
+    """The schedule of :func:`best_first`, over race states with ``k``, ``correct``, ``seen`` and ``out``: the
+    batches of the first ``lead`` samples candidate by candidate, then always the candidate with the highest upper
+    bound, stopping (``finish(r, True)``) each one that can no longer beat ``incumbent()``, the best scored in full.
+    ``step(r)`` runs a candidate's next batch. The Ray executor replays the same schedule, so it makes the same
+    choices and counts."""
+    for r in runs:
         while not r.out and r.seen < lead:
             step(r)
     while True:
-        for r in race:
+        best = incumbent()
+        for r in runs:
             if not r.out and best is not None and not wins(r.correct + total - r.seen, r.k, best.correct, best.k):
                 finish(r, True)
-        live = [r for r in race if not r.out]
+        live = [r for r in runs if not r.out]
         if not live:
-            break
+            return
         # highest upper bound first; among equals, the one furthest on (fewer session switches), then smaller K
         step(max(live, key=lambda c: (c.correct + total - c.seen, c.seen, -c.k)))
-    return results
 
 
 def outputs_of(plan: Plan, runner: Runner, output: str, array: np.ndarray | None) -> np.ndarray:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from axcnn.score import Outcome, wins
+from axcnn.score import Outcome, drive_race, wins
 
 Submit = Callable[[int, int], None]
 Land = Callable[[], tuple[int, int, int]]
@@ -151,18 +151,7 @@ def parallel_best_first(ks: Sequence[int], sizes: Sequence[int], submit: Submit,
                 best = r
             finish(r, False)
 
-    # the same steps as score.best_first
-    for r in runs:
-        while not r.out and r.seen < lead:
-            step(r)
-    while True:
-        for r in runs:
-            if not r.out and best is not None and not wins(r.correct + total - r.seen, r.k, best.correct, best.k):
-                finish(r, True)
-        live = [r for r in runs if not r.out]
-        if not live:
-            break
-        step(max(live, key=lambda c: (c.correct + total - c.seen, c.seen, -c.k)))
+    drive_race(runs, lead, total, step, finish, lambda: best)  # the same steps as score.best_first
     return results
 
 
