@@ -94,6 +94,18 @@ def check_output_path(model_path: Path, target: Path, what: str, data_path: Path
         raise AxcnnError(f"the folder of the {what} path {target} does not exist")
 
 
+#: settings that say where and how this machine ran, not what was written: kept in the report, not in the model
+LOCAL_SETTINGS = ("data", "front_dir", "device", "executor", "ray_address", "cache_mb", "batch_size")
+
+
+def model_settings(settings: dict) -> str:
+    """The run's settings as stored in the written model (``axcnn.settings``): compact JSON of those that shape the
+    result and are set. A model travels to devices and other people: it need not carry this machine's paths and
+    tuning, and on small models every byte shows in the file's ratio. The report keeps every setting."""
+    kept = {k: v for k, v in settings.items() if v is not None and k not in LOCAL_SETTINGS}
+    return json.dumps(kept, sort_keys=True, separators=(",", ":"))
+
+
 def _check_paths(model_path: Path, output: Path, report_path: Path | None, data_path=None) -> None:
     data = Path(data_path) if data_path is not None else None
     check_output_path(model_path, output, "output", data)
@@ -308,7 +320,7 @@ def _run(model_path, model, skeleton, io, layers, skipped, data, selection, veri
         raise AxcnnError("no layer could be shared: " + "; ".join(f"{n}: {r}" for n, r in exploration.skipped))
 
     # write the weight-shared model, check its decode, and score the written file itself
-    metadata = {"axcnn.version": __version__, "axcnn.settings": json.dumps(settings, sort_keys=True)}
+    metadata = {"axcnn.version": __version__, "axcnn.settings": model_settings(settings)}
     out_model, stored, shared = shared_model(model, exploration.decisions, metadata)
     if points is not None and config.front_dir is not None:
         section["front_dir"] = write_front(points, Path(config.front_dir), model, metadata, skeleton)
