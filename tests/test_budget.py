@@ -122,6 +122,9 @@ def test_each_verification_is_reported_and_a_failed_one_steps_to_a_more_accurate
     assert rep["budget"]["verification_checks"] == len(checks) >= 2
     assert checks[0]["verification_loss_pp"] == 50.0
     assert checks[1]["compression_ratio"] < checks[0]["compression_ratio"]
+    # only the verification decides a step: the stepped-to network is scored on the selection samples once written
+    assert checks[0]["selection_loss_pp"] is not None and checks[1]["selection_loss_pp"] is None
+    assert rep["evaluation"]["selection"]["samples"] > 0
     assert checks[-1]["verification_loss_pp"] == rep["evaluation"]["verification"]["accuracy_loss_pp"] <= 20.0
     assert checks[-1]["compression_ratio"] == pytest.approx(rep["compression_ratio"])
 

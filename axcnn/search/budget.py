@@ -39,7 +39,7 @@ STEP = 4.0
 #: at most this many networks assembled and measured to find the budget's point on the front ...
 MAX_EVALS = 6
 #: ... and none once the next would be within this fraction of the size of the last (they differ by noise there)
-RESOLVE = 0.015
+RESOLVE = 0.03
 #: width (in log proxy) of the weights of the loss-against-proxy fit around its target
 TARGET_WIDTH = 0.5
 #: at most this many extra looks at the held-out samples when the verification says "over budget"
@@ -73,12 +73,12 @@ def run_budget(explorer: Explorer, layers: list[LayerSpec], config: CompressConf
         steps = 0
         ver = verify(search, chosen[1], verification)
         _record_check(checks, front[chosen[0]], dense_bits, chosen[3], ref, n, ver)
+        sel = 100.0 * (ref - chosen[3].correct) / n  # selection loss of the network checked (measured, then predicted)
         while ver is not None and ver["accuracy_loss_pp"] > config.max_loss and steps < MAX_STEP_UPS:
             steps += 1
             # aim the selection loss lower by the excess seen on the verification samples (the loss grows about in
             # proportion to the total proxy here), between 15% and 40% less proxy a step: the excess is partly the
             # noise of a few thousand held-out samples, so several small steps cost less ratio than one large one
-            sel = 100.0 * (ref - chosen[3].correct) / n
             want = sel - (ver["accuracy_loss_pp"] - config.max_loss)
             ratio = min(0.85, max(0.6, want / sel)) if sel > 0 else 0.6
             logp = np.log(np.maximum([a.proxy for a in front], 1e-12))
@@ -88,10 +88,13 @@ def run_budget(explorer: Explorer, layers: list[LayerSpec], config: CompressConf
                 break
             log.info("verification loss %.2f pp is over the budget; stepping to a more accurate point",
                      ver["accuracy_loss_pp"])
-            model, picked, c = evaluate(front[nxt], None)
-            chosen = (nxt, model, picked, c)
+            # only the verification decides a step, and the written file is scored on the selection samples at
+            # the end anyway: a stepped-to network is not measured on them here
+            sel *= front[nxt].proxy / front[chosen[0]].proxy
+            model, picked = search.assemble(tab, choice(tab, idx, front[nxt]))
+            chosen = (nxt, model, picked, None)
             ver = verify(search, model, verification)
-            _record_check(checks, front[nxt], dense_bits, c, ref, n, ver)
+            _record_check(checks, front[nxt], dense_bits, None, ref, n, ver)
         if ver is not None and ver["accuracy_loss_pp"] > config.max_loss:
             raise BudgetNotMet(
                 f"the budget --max-loss {config.max_loss:g} pp is not met on the {ver['samples']} held-out "
@@ -138,7 +141,8 @@ def run_budget(explorer: Explorer, layers: list[LayerSpec], config: CompressConf
 
 def _record_check(checks: list[dict], a: Allocation, dense_bits: int, c, ref: int, n: int, ver: dict | None) -> None:
     if ver is not None:
-        checks.append({"compression_ratio": dense_bits / a.bits, "selection_loss_pp": 100.0 * (ref - c.correct) / n,
+        checks.append({"compression_ratio": dense_bits / a.bits,
+                       "selection_loss_pp": None if c is None else 100.0 * (ref - c.correct) / n,
                        "verification_loss_pp": ver["accuracy_loss_pp"], "ci95_pp": ver["ci95_pp"]})
 
 
