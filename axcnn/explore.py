@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
-from axcnn import estimate, score
+from axcnn import estimate, plans, score
 from axcnn.cluster import Clustering
 from axcnn.config import CompressConfig
 from axcnn.errors import AxcnnError
 from axcnn.executor import Executor, LocalExecutor
-from axcnn.model import IOInfo, LayerSpec
+from axcnn.model import IOInfo, LayerSpec, weight_proto
 from axcnn.sharing import SharedClustering, Sharing, as_shared, cluster_layer
 
 if TYPE_CHECKING:
@@ -105,7 +105,7 @@ class Explorer:
         self.io = io
         self.runner = score.Runner(providers)
         self.current = score.working_copy(model)
-        self.types = score.value_types(self.current) if config.fast_scoring else {}
+        self.types = plans.value_types(self.current) if config.fast_scoring else {}
         self.progress = progress or (lambda *a, **k: None)
         t0 = time.perf_counter()
         ref = np.concatenate(list(score.run_model(self.current, self.runner, io, x, config.batch_size)), axis=0)
@@ -121,7 +121,7 @@ class Explorer:
         self._order = order
         self._x = x[order]
         self._y = labels[order]
-        self._previous: score.Plan | None = None  # the last layer's plan: its activations feed the next prefix
+        self._previous: plans.Plan | None = None  # the last layer's plan: its activations feed the next prefix
         if config.estimator == "kl":
             if calib_idx is None:
                 calib_idx = calibration_indices(len(x), config.calib, config.seed)
@@ -133,17 +133,17 @@ class Explorer:
             self.calib_ref_logp = estimate.log_probs(ref[order][self._calib_pos], kind)
 
     # -- plans -----------------------------------------------------------------------------------------------
-    def _plan(self, weight: str) -> score.Plan:
+    def _plan(self, weight: str) -> plans.Plan:
         cfg = self.config
-        inputs = score.full_plan(self.current, weight, self._x, self.io, cfg.batch_size)
+        inputs = plans.full_plan(self.current, weight, self._x, self.io, cfg.batch_size)
         plan = None
         if cfg.fast_scoring:
             sources = [p for p in (self._previous, inputs) if p is not None]
             self._previous = None  # consumed (or unusable) from here on
-            plan = score.suffix_plan(self.current, weight, self.io, self.runner, cfg.cache_mb << 20, self.types,
+            plan = plans.suffix_plan(self.current, weight, self.io, self.runner, cfg.cache_mb << 20, self.types,
                                      sources)
         if plan is None:
-            plan = score.full_plan(self.current, weight, self._x, self.io, cfg.batch_size)
+            plan = plans.full_plan(self.current, weight, self._x, self.io, cfg.batch_size)
         return plan
 
     # -- one layer -------------------------------------------------------------------------------------------
@@ -243,8 +243,8 @@ class Explorer:
         log.info("%s: K=%d, taken from the journal", decision.spec.name, decision.chosen.k)
         return decision
 
-    def _kl_estimates(self, spec: LayerSpec, table, ks: list[int], plan: score.Plan) -> dict[int, float]:
-        calib = score.subset_plan(plan, self._calib_pos, self.io, self.config.batch_size)
+    def _kl_estimates(self, spec: LayerSpec, table, ks: list[int], plan: plans.Plan) -> dict[int, float]:
+        calib = plans.subset_plan(plan, self._calib_pos, self.io, self.config.batch_size)
         run = score.weight_as_input(calib, self.runner, self.io.output_name)  # one session for all K
         out = {}
         for k in ks:
@@ -254,7 +254,7 @@ class Explorer:
 
     def _fix(self, name: str, array: np.ndarray) -> None:
         """Write the chosen clustered weight into the current network."""
-        score.weight_proto(self.current, name).CopyFrom(
+        weight_proto(self.current, name).CopyFrom(
             onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
 
     def current_model(self) -> onnx.ModelProto:

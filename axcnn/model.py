@@ -259,3 +259,11 @@ def io_info(model: onnx.ModelProto, output: str | None = None) -> IOInfo:
         raise AxcnnError(f"model has no output named {output!r}; outputs: {', '.join(outputs)}")
     fixed = dims[0] if dims and isinstance(dims[0], int) else None
     return IOInfo(inp.name, dims, np.dtype(dtype), output, fixed)
+
+
+def weight_proto(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
+    """The TensorProto holding constant ``name`` (an initializer or a Constant node's value), to edit in place."""
+    tensors = constant_tensors(model)
+    if name not in tensors:
+        raise KeyError(f"no constant tensor named {name!r} in the model")
+    return tensors[name][0]

@@ -10,11 +10,12 @@ import pytest
 from conftest import tiny_cnn
 from onnx import TensorProto, helper, numpy_helper
 
-from axcnn import score
+from axcnn import plans, score
 from axcnn.config import CompressConfig
 from axcnn.errors import MissingBackendError
 from axcnn.executor import LocalExecutor, make_executor
 from axcnn.executor.race import RaceStats, lead_batches, parallel_all, parallel_best_first
+from axcnn.model import weight_proto
 
 # ---------------------------------------------------------------------------------------------------------------
 # a race whose counts are given: candidate k gets counts[k][j] of batch j right
@@ -27,7 +28,7 @@ def _count_plan(sizes):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], initializer=[w])
     model = helper.make_model(graph)
     feeds = [{"j": np.full(n, j)} for j, n in enumerate(sizes)]
-    return score.Plan(model, score.weight_proto(model, "w"), feeds, list(sizes), "full")
+    return plans.Plan(model, weight_proto(model, "w"), feeds, list(sizes), "full")
 
 
 class _CountRunner:
@@ -158,7 +159,7 @@ def _tiny_plan(batch=8):
 
     model = tiny_cnn()
     x = np.random.default_rng(0).normal(size=(64, 1, 8, 8)).astype(np.float32)
-    plan = score.full_plan(score.working_copy(model), "w1", x, io_info(model), batch)
+    plan = plans.full_plan(score.working_copy(model), "w1", x, io_info(model), batch)
     runner = score.Runner(["CPUExecutionProvider"])
     rng = np.random.default_rng(2)
     w1 = rng.normal(0, 0.5, (8, 1, 3, 3)).astype(np.float32)
@@ -209,7 +210,7 @@ def test_worker_session_matches_serialize_with():
 
     plan, runner, cands, labels = _tiny_plan()
     base = onnx.load_from_string(plan.model.SerializeToString())
-    copy = score.Plan(base, score.weight_proto(base, "w1"), [], [], "full")
+    copy = plans.Plan(base, weight_proto(base, "w1"), [], [], "full")
     assert copy.serialize_with(cands[5]) == plan.serialize_with(cands[5])
     worker.clear()
     got = worker.score_batch("t", 5, "w1", [plan.model.SerializeToString()], [cands[5]], "logits", "top1", "cpu",

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from conftest import tiny_cnn, tiny_data
 from test_executor import _tiny_plan
 
-from axcnn import score
+from axcnn import plans, score
 from axcnn.api import compress
 from axcnn.config import CompressConfig
 from axcnn.errors import AxcnnError
@@ -90,8 +90,8 @@ def test_full_plans_over_the_same_samples_share_their_objects(ray_ex):
     plan, runner, cands, labels = _tiny_plan(8)
     x = np.concatenate([f["x"] for f in plan.feeds])
     io = io_info(tiny_cnn())
-    first = score.full_plan(plan.model, "w1", x, io, 8)
-    second = score.full_plan(plan.model, "w2", x, io, 8)  # another layer, the same samples
+    first = plans.full_plan(plan.model, "w1", x, io, 8)
+    second = plans.full_plan(plan.model, "w2", x, io, 8)  # another layer, the same samples
     puts = ray_ex.puts
     ray_ex.race(first, runner, "logits", cands, labels, "top1")
     assert ray_ex.puts == puts + len(first.feeds)

@@ -7,10 +7,10 @@ import onnx
 import pytest
 from conftest import tiny_cnn, tiny_data
 
-from axcnn import score
+from axcnn import plans, score
 from axcnn.config import CompressConfig
 from axcnn.explore import Explorer, calibration_indices
-from axcnn.model import inventory, io_info
+from axcnn.model import inventory, io_info, weight_proto
 from axcnn.search.greedy import greedy
 
 
@@ -103,20 +103,20 @@ def test_suffix_plan_matches_full_network_outputs():
     io = io_info(model)
     runner = score.Runner(["CPUExecutionProvider"])
     work = score.working_copy(model)
-    types = score.value_types(work)
+    types = plans.value_types(work)
     w2 = np.random.default_rng(0).normal(size=(8, 2, 3, 3)).astype(np.float32)
 
     def inputs():
-        return score.full_plan(work, "w2", x, io, 16)
+        return plans.full_plan(work, "w2", x, io, 16)
 
-    suffix = score.suffix_plan(work, "w2", io, runner, 1 << 30, types, [inputs()])
+    suffix = plans.suffix_plan(work, "w2", io, runner, 1 << 30, types, [inputs()])
     assert suffix is not None and suffix.kind == "suffix"
     np.testing.assert_allclose(score.outputs_of(suffix, runner, "logits", w2),
                                score.outputs_of(inputs(), runner, "logits", w2), atol=1e-5)
     # over the cache budget, no suffix plan
-    assert score.suffix_plan(work, "w2", io, runner, 0, types, [inputs()]) is None
+    assert plans.suffix_plan(work, "w2", io, runner, 0, types, [inputs()]) is None
     # the first layer gains nothing from a cut
-    assert score.suffix_plan(work, "w1", io, runner, 1 << 30, types, [inputs()]) is None
+    assert plans.suffix_plan(work, "w1", io, runner, 1 << 30, types, [inputs()]) is None
 
 
 def test_chained_activations_equal_activations_from_the_input():
@@ -127,12 +127,12 @@ def test_chained_activations_equal_activations_from_the_input():
     io = io_info(model)
     runner = score.Runner(["CPUExecutionProvider"])
     work = score.working_copy(model)
-    types = score.value_types(work)
-    first = score.suffix_plan(work, "w2", io, runner, 1 << 30, types, [score.full_plan(work, "w2", x, io, 8)])
-    score.weight_proto(work, "w2").CopyFrom(onnx.numpy_helper.from_array(
+    types = plans.value_types(work)
+    first = plans.suffix_plan(work, "w2", io, runner, 1 << 30, types, [plans.full_plan(work, "w2", x, io, 8)])
+    weight_proto(work, "w2").CopyFrom(onnx.numpy_helper.from_array(
         np.random.default_rng(1).normal(size=(8, 2, 3, 3)).astype(np.float32), "w2"))
-    chained = score.suffix_plan(work, "w3", io, runner, 1 << 30, types, [first])
-    direct = score.suffix_plan(work, "w3", io, runner, 1 << 30, types, [score.full_plan(work, "w3", x, io, 8)])
+    chained = plans.suffix_plan(work, "w3", io, runner, 1 << 30, types, [first])
+    direct = plans.suffix_plan(work, "w3", io, runner, 1 << 30, types, [plans.full_plan(work, "w3", x, io, 8)])
     assert chained is not None and direct is not None and chained.boundary == direct.boundary
     assert all(f is None for f in first.feeds)  # the source was consumed batch by batch
     assert chained.sizes == direct.sizes
@@ -140,10 +140,10 @@ def test_chained_activations_equal_activations_from_the_input():
         for name in chained.boundary:
             np.testing.assert_allclose(a[name], b[name], rtol=1e-6, atol=1e-6)
     # a source the cut cannot be computed from is skipped (the next source is used), untouched
-    later = score.full_plan(work, "w3", x, io, 8)
-    unreachable = score.Plan(later.model, later.weight, [dict(f) for f in chained.feeds], chained.sizes, "suffix",
+    later = plans.full_plan(work, "w3", x, io, 8)
+    unreachable = plans.Plan(later.model, later.weight, [dict(f) for f in chained.feeds], chained.sizes, "suffix",
                              ("not_a_tensor",))
-    plan = score.suffix_plan(work, "w3", io, runner, 1 << 30, types, [unreachable, later])
+    plan = plans.suffix_plan(work, "w3", io, runner, 1 << 30, types, [unreachable, later])
     assert plan is not None and all(f is not None for f in unreachable.feeds)
 
 
@@ -154,9 +154,9 @@ def test_subset_plan_gathers_rows_of_the_cached_activations(fixed):
     io = io_info(model)
     if fixed:
         io = dataclasses.replace(io, fixed_batch=fixed)
-    full = score.full_plan(score.working_copy(model), "w2", x, io, 8)
+    full = plans.full_plan(score.working_copy(model), "w2", x, io, 8)
     pos = np.array([0, 3, 8, 9, 17, 29])
-    sub = score.subset_plan(full, pos, io, 8)
+    sub = plans.subset_plan(full, pos, io, 8)
     assert sum(sub.sizes) == len(pos)
     got = np.concatenate([f["x"][:n] for f, n in zip(sub.feeds, sub.sizes, strict=True)])
     np.testing.assert_array_equal(got, x[pos])

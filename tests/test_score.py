@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from conftest import tiny_cnn
 
-from axcnn import score
+from axcnn import plans, score
 
 
 def test_count_correct_top1_top5():
@@ -43,7 +43,7 @@ def _race_setup(batch):
     model = tiny_cnn()
     x = np.random.default_rng(0).normal(size=(64, 1, 8, 8)).astype(np.float32)
     runner = score.Runner(["CPUExecutionProvider"])
-    plan = score.full_plan(score.working_copy(model), "w1", x, io_info(model), batch)
+    plan = plans.full_plan(score.working_copy(model), "w1", x, io_info(model), batch)
     return plan, runner
 
 

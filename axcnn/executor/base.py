@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from axcnn import score
+from axcnn import plans, score
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -19,7 +19,7 @@ class Executor:
 
     name = "base"
 
-    def race(self, plan: score.Plan, runner: score.Runner, output: str, candidates: dict[int, np.ndarray],
+    def race(self, plan: plans.Plan, runner: score.Runner, output: str, candidates: dict[int, np.ndarray],
              labels: np.ndarray, metric: str, done: Done | None = None, lead: int = 0,
              live_sessions: int = score.LIVE_SESSIONS) -> dict[int, score.Outcome]:
         """``score.best_first``: score ``candidates`` ({K: weight}) on ``plan`` far enough to know the winner under
@@ -27,7 +27,7 @@ class Executor:
         Returns the same outcomes as ``score.best_first`` on every executor."""
         raise NotImplementedError
 
-    def score_all(self, plan: score.Plan, runner: score.Runner, output: str, candidates: dict[int, np.ndarray],
+    def score_all(self, plan: plans.Plan, runner: score.Runner, output: str, candidates: dict[int, np.ndarray],
                   labels: np.ndarray, metric: str, done: Done | None = None) -> dict[int, score.Outcome]:
         """Every candidate over every sample (``score.evaluate`` for each), ``done(k, outcome)`` as each ends."""
         raise NotImplementedError

@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from axcnn import score
+from axcnn import plans, score
 from axcnn.errors import AxcnnError, MissingBackendError
 from axcnn.executor import worker
 from axcnn.executor.base import Executor
@@ -193,7 +193,7 @@ class RayExecutor(Executor):
         self._staged = staged
         return refs
 
-    def _units(self, plan: score.Plan, output: str, candidates: dict[int, np.ndarray], labels: np.ndarray,
+    def _units(self, plan: plans.Plan, output: str, candidates: dict[int, np.ndarray], labels: np.ndarray,
                metric: str, capacity: int):
         """(submit, land) over this plan's batches: the plan's feeds, its model and the candidates' weights are put
         into the object store here, once."""

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from axcnn import score
+from axcnn import plans, score
+from axcnn.model import weight_proto
 
 #: models (parsed base suffix models) kept per worker process, by race token
 BASE_MODELS = 2
@@ -68,7 +69,7 @@ def candidate_session(runner: score.Runner, token: str, k: int, weight: str, mod
             _bases.popitem(last=False)
     else:
         _bases.move_to_end(token)
-    plan = score.Plan(base, score.weight_proto(base, weight), [], [], "suffix")
+    plan = plans.Plan(base, weight_proto(base, weight), [], [], "suffix")
     sess = runner.session(plan.serialize_with(_resolve(array_box[0])))
     _sessions[key] = sess
     while len(_sessions) > capacity:

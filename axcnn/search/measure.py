@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx
 
-from axcnn import estimate, score
+from axcnn import estimate, plans, score
+from axcnn.model import weight_proto
 
 if TYPE_CHECKING:
     from axcnn.search.sensitivity import Sensitivity
@@ -72,7 +73,7 @@ def digest(model: onnx.ModelProto) -> str:
     return hashlib.sha256(model.SerializeToString()).hexdigest()[:32]
 
 
-def entry_runner(plan: score.Plan, names: list[str], output: str, device: str, ref_logp: np.ndarray, kind: str,
+def entry_runner(plan: plans.Plan, names: list[str], output: str, device: str, ref_logp: np.ndarray, kind: str,
                   y: np.ndarray, ref_correct: int, metric: str):
     """``run(arrays) -> (kl, loss_pp)``: one sensitivity entry, the layer's tensors set to ``arrays`` and the rest of
     the network run on the cached activations. A closure over plain data, so that an executor can ship it to its
@@ -84,7 +85,7 @@ def entry_runner(plan: score.Plan, names: list[str], output: str, device: str, r
         from axcnn.executor import worker_runner
 
         model = onnx.load_from_string(model_bytes)
-        local = score.Plan(model, score.weight_proto(model, weight), feeds, sizes, "suffix")
+        local = plans.Plan(model, weight_proto(model, weight), feeds, sizes, "suffix")
         out = score.tensors_as_inputs(local, worker_runner(device), output, names)(arrays)
         kl = max(estimate.mean_kl(ref_logp, estimate.log_probs(out, kind)), 0.0)
         loss = 100.0 * (ref_correct - score.count_correct(out, y, metric)) / len(y)

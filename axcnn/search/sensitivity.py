@@ -25,13 +25,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from axcnn import affine, correct, estimate, score
+from axcnn import affine, correct, estimate, plans, score
 from axcnn.allocate import Allocation, frontier
 from axcnn.cluster import index_bits
 from axcnn.config import CompressConfig
 from axcnn.errors import AxcnnError
 from axcnn.explore import Candidate, Explorer, LayerDecision, calibration_indices
-from axcnn.model import LayerSpec
+from axcnn.model import LayerSpec, weight_proto
 from axcnn.search.measure import digest, entry_runner
 from axcnn.search.sites import Site, dense_rows_bias, sites
 from axcnn.sharing import LAYER, Sharing, SharingTable, cluster_layer
@@ -100,7 +100,7 @@ class Sensitivity:
                     affine.apply_channel_affine(explorer.current, s.spec.name, np.ones(s.affine.channels), s.bias,
                                                 always_scale=True)
         self.dense = copy.deepcopy(explorer.current)  # the dense network, repair templates included
-        self.types = score.value_types(self.dense)
+        self.types = plans.value_types(self.dense)
         x, y = explorer.samples()
         calib = calibration_indices(len(x), config.calib, config.seed)
         self.x_cal, self.y_cal = x[calib], y[calib]
@@ -122,37 +122,37 @@ class Sensitivity:
         self.counts = {"measured_entries": 0, "assemblies": 0}
 
     # -- calibration activations ---------------------------------------------------------------------------------
-    def _input_plan(self, x: np.ndarray | None = None) -> score.Plan:
+    def _input_plan(self, x: np.ndarray | None = None) -> plans.Plan:
         batches = score.input_batches(self.x_cal if x is None else x, self.io, self.cfg.batch_size)
-        return score.Plan(self.dense, onnx.TensorProto(), [{self.io.input_name: c} for c, _ in batches],
+        return plans.Plan(self.dense, onnx.TensorProto(), [{self.io.input_name: c} for c, _ in batches],
                           [n for _, n in batches], "full", (self.io.input_name,))
 
-    def _chain_to(self, model: onnx.ModelProto, chain: score.Plan | None, boundary: list[str],
-                  x: np.ndarray | None = None) -> score.Plan:
+    def _chain_to(self, model: onnx.ModelProto, chain: plans.Plan | None, boundary: list[str],
+                  x: np.ndarray | None = None) -> plans.Plan:
         """Activations of ``model`` on the calibration samples at ``boundary``, from ``chain`` when it reaches
         them (consuming it), else from the input."""
         if chain is not None and list(chain.boundary) == list(boundary):
             return chain
         if chain is not None:
-            got = score.advance(model, boundary, chain, self.runner, self.types)
+            got = plans.advance(model, boundary, chain, self.runner, self.types)
             if got is not None:
                 return got
         if list(boundary) == [self.io.input_name]:
             return self._input_plan(x)
-        got = score.advance(model, boundary, self._input_plan(x), self.runner, self.types)
+        got = plans.advance(model, boundary, self._input_plan(x), self.runner, self.types)
         if got is None:
             raise AxcnnError(f"cannot compute the activations at {boundary} for the budget search")
         return got
 
     def _boundary(self, site: Site) -> list[str]:
-        cut = score.cut(self.dense, site.spec.name, self.io, self.types)
+        cut = plans.cut(self.dense, site.spec.name, self.io, self.types)
         b = list(cut) if cut is not None else [self.io.input_name]
         if site.input_name is not None and site.input_name not in b:
             b.append(site.input_name)
         return b
 
     @staticmethod
-    def _stream(plan: score.Plan, name: str, limit: int | None = None) -> list[np.ndarray]:
+    def _stream(plan: plans.Plan, name: str, limit: int | None = None) -> list[np.ndarray]:
         """The tensor ``name`` batch by batch (padding dropped), over at most ``limit`` samples."""
         out, left = [], limit if limit is not None else sum(plan.sizes)
         for f, n in zip(plan.feeds, plan.sizes, strict=True):
@@ -220,10 +220,10 @@ class Sensitivity:
             t_cluster = time.perf_counter() - t0
             # measure a few widths of the first sharing end to end; predict the rest from their analytic error
             t1 = time.perf_counter()
-            suffix = score.suffix_model(self.dense, boundary, self.io, self.types) if boundary != [
+            suffix = plans.suffix_model(self.dense, boundary, self.io, self.types) if boundary != [
                 self.io.input_name] else None
             model = suffix if suffix is not None else self.dense
-            plan = score.Plan(model, score.weight_proto(model, spec.name), chain.feeds, chain.sizes, "suffix",
+            plan = plans.Plan(model, weight_proto(model, spec.name), chain.feeds, chain.sizes, "suffix",
                               tuple(boundary))
             names = [spec.name] + ([site.affine.scale, site.affine.bias] if repaired else [])
             first = next(iter(tables))
@@ -326,31 +326,31 @@ class Sensitivity:
             if repaired and sequential:
                 fit = self._fit_outputs(work, site, clustering, chain_c, chain_d)
             for name, arr in self._arrays(site, clustering, fit).items():
-                score.weight_proto(work, name).CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+                weight_proto(work, name).CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), name))
             picked[i] = (clustering, fit)
         self.times["assemble"] += time.perf_counter() - t0
         self.counts["assemblies"] += 1
         return work, picked
 
-    def _fit_outputs(self, work: onnx.ModelProto, site: Site, clustering, chain_c: score.Plan,
-                     chain_d: score.Plan) -> correct.ScaleBias:
+    def _fit_outputs(self, work: onnx.ModelProto, site: Site, clustering, chain_c: plans.Plan,
+                     chain_d: plans.Plan) -> correct.ScaleBias:
         """The repair of ``site``'s layer from its outputs: the clustered layer on the compressed network's input
         against the dense layer on the dense network's input."""
         node = next(n for n in work.graph.node if n.op_type == site.affine.op_type and site.spec.name in n.input[1:2])
         linear = node.output[0]  # the layer's own output, before the repair's Mul (and MatMul's bias Add)
         name = site.spec.name
-        dense_w = numpy_helper.to_array(score.weight_proto(work, name))
-        score.weight_proto(work, name).CopyFrom(numpy_helper.from_array(
+        dense_w = numpy_helper.to_array(weight_proto(work, name))
+        weight_proto(work, name).CopyFrom(numpy_helper.from_array(
             np.ascontiguousarray(clustering.dense(site.spec.dtype)), name))
         try:
-            zb = score.tensors_at(work, [linear], chain_c, self.runner, self.types)[linear]
+            zb = plans.tensors_at(work, [linear], chain_c, self.runner, self.types)[linear]
         finally:
-            score.weight_proto(work, name).CopyFrom(numpy_helper.from_array(dense_w, name))
-        y = score.tensors_at(self.dense, [site.affine.output], chain_d, self.runner, self.types)[site.affine.output]
+            weight_proto(work, name).CopyFrom(numpy_helper.from_array(dense_w, name))
+        y = plans.tensors_at(self.dense, [site.affine.output], chain_d, self.runner, self.types)[site.affine.output]
         axis = 1 if site.affine.op_type in ("Conv", "ConvTranspose") else -1
         stored = np.zeros(site.affine.channels)
         if site.affine.op_type != "MatMul":  # the node adds its stored bias (t / s); the template's is the dense b
-            stored = numpy_helper.to_array(score.weight_proto(work, site.affine.bias)).astype(np.float64)
+            stored = numpy_helper.to_array(weight_proto(work, site.affine.bias)).astype(np.float64)
         shape = [1] * zb.ndim
         shape[axis] = -1
         z = zb.astype(np.float64) - stored.reshape(shape)
