@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 REALDATA = REPO.parent / "shared" / "realdata"
 sys.path.insert(0, str(REPO / "bench"))
 
-from realdata_check import preprocess  # noqa: E402
+from realdata_check import compress_command, preprocess  # noqa: E402
 
 
 def half_split(y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,12 +73,9 @@ def run(model: str, budget: float, mode: str, seed: int, extra: list[str], work:
     out = work / f"{model}.{mode}{budget:g}.onnx"
     rep = work / f"{model}.{mode}{budget:g}.report.json"
     flag = "--max-loss" if mode == "loss" else "--target-cr"
-    cmd = [sys.executable, "-m", "axcnn.cli", "compress", str(REALDATA / entry["file"]), "--data", str(half),
-           "--scale", str(entry["scale"]), "--mean", ",".join(map(str, entry["mean"])),
-           "--std", ",".join(map(str, entry["std"])), "--layout", entry["layout"], flag, str(budget),
-           "-o", str(out), "--report", str(rep), "-q", *extra]
+    cmd, env = compress_command(REALDATA / entry["file"], half, entry, [flag, str(budget), *extra], out, rep)
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     row = {"model": model, "mode": mode, "budget": budget, "extra": extra, "exit": proc.returncode, "wall_s": wall}
     if proc.returncode != 0:

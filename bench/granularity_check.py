@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -35,9 +34,9 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from realdata_check import (  # noqa: E402
     DEFAULT_REALDATA,
-    REPO,
     Bench,
     _first_line,
+    compress_command,
     files_bytes,
     git_state,
     preprocess,
@@ -125,11 +124,7 @@ def run(bench: Bench, name: str, tag: str, flags: list[str], checks: dict, resco
         if not rep_path.is_file():
             return {**row, "errors": [f"no report {rep_path} to rescore"], "checks": {"compress": False}}
         return measure(bench, name, out, rep_path, checks, row)
-    cmd = [sys.executable, "-m", "axcnn.cli", "compress", str(model), "--data", str(data),
-           "--scale", repr(entry["scale"]), "--mean", ",".join(map(repr, entry["mean"])),
-           "--std", ",".join(map(repr, entry["std"])), "--layout", entry["layout"], *flags,
-           "-o", str(out), "--report", str(rep_path), "-q"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    cmd, env = compress_command(model, data, entry, flags, out, rep_path)
     print(f"[{dt.datetime.now():%H:%M:%S}] {name} ({tag}): compress {' '.join(flags)}", flush=True)
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=bench.workdir)

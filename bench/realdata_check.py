@@ -105,6 +105,18 @@ def _first_line(text: str) -> str:
     return lines[-1][:300] if lines else ""
 
 
+def compress_command(model: Path, data: Path, entry: dict, flags: list[str], out: Path, report: Path
+                     ) -> tuple[list[str], dict]:
+    """The CLI command a user would type for a manifest model (its preprocessing as flags), and the environment
+    that runs this checkout's axcnn."""
+    cmd = [sys.executable, "-m", "axcnn.cli", "compress", str(model), "--data", str(data),
+           "--scale", repr(entry["scale"]), "--mean", ",".join(map(repr, entry["mean"])),
+           "--std", ",".join(map(repr, entry["std"])), "--layout", entry["layout"], *flags,
+           "-o", str(out), "--report", str(report), "-q"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    return cmd, env
+
+
 class Bench:
     def __init__(self, realdata: Path, workdir: Path):
         self.realdata = realdata
@@ -136,11 +148,7 @@ class Bench:
         data = self.realdata / self.manifest["datasets"][entry["dataset"]]["file"]
         out = self.workdir / f"{name}.{tag}.onnx"
         rep_path = self.workdir / f"{name}.{tag}.json"
-        cmd = [sys.executable, "-m", "axcnn.cli", "compress", str(model), "--data", str(data),
-               "--scale", repr(entry["scale"]), "--mean", ",".join(map(repr, entry["mean"])),
-               "--std", ",".join(map(repr, entry["std"])), "--layout", entry["layout"], *flags,
-               "-o", str(out), "--report", str(rep_path), "-q"]
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        cmd, env = compress_command(model, data, entry, flags, out, rep_path)
         row: dict = {"model": name, "run": tag, "flags": " ".join(flags), "dataset": entry["dataset"],
                      "reference_top1": entry["reference_top1"], "checks": {}, "errors": []}
         print(f"[{dt.datetime.now():%H:%M:%S}] {name} ({tag}): compress ...", flush=True)
