@@ -210,7 +210,7 @@ def _search_front(front: list[Allocation], evaluate, allowed: int, n: int, ref: 
         raise BudgetNotMet(
             f"no network with K in [{config.kmin}, {config.kmax}] is within --max-loss {config.max_loss:g} pp: "
             f"the most accurate one found loses {lost} pp on the {n} selection samples; raise --kmax or the budget")
-    if nxt not in seen or seen[nxt][2].stopped:  # the fit's choice, measured in full for the report
+    if nxt not in seen or seen[nxt][2].stopped:  # the fit's choice: its selection loss sizes a step-down, if any
         model, picked, c = evaluate(front[nxt], None)
         seen[nxt] = (model, picked, c, n - c.correct)
     model, picked, c, _ = seen[nxt]
