@@ -8,7 +8,6 @@ fix that layer in the network. Strategies decide which layers to explore and wha
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Callable
@@ -256,9 +255,6 @@ class Explorer:
         """Write the chosen clustered weight into the current network."""
         weight_proto(self.current, name).CopyFrom(
             onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
-
-    def current_model(self) -> onnx.ModelProto:
-        return copy.deepcopy(self.current)
 
     def samples(self) -> tuple[np.ndarray, np.ndarray]:
         """The scoring samples and labels in the order candidates are scored (hardest first with early stops)."""

@@ -164,8 +164,3 @@ def write_json(report: dict, path: str | os.PathLike) -> None:
     """Write atomically: a temporary file in the same folder, fsync, rename (see :mod:`axcnn.atomic`). Raises
     AxcnnError (one line) when the file cannot be written."""
     atomic.write_text(path, json.dumps(report, indent=2) + "\n")
-
-
-def load_json(path: str | os.PathLike) -> dict:
-    with open(path) as f:
-        return json.load(f)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -36,9 +36,6 @@ class Provenance:
             out["samples"] = used
         out.update(self.details)
         return out
-
-    def with_details(self, **details) -> Provenance:
-        return replace(self, details=self.details + tuple(details.items()))
 
 
 @dataclass(frozen=True, eq=False)
