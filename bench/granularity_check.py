@@ -22,7 +22,6 @@ import argparse
 import datetime as dt
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ from realdata_check import (  # noqa: E402
     files_bytes,
     git_state,
     preprocess,
+    run_compress,
     session,
 )
 
@@ -126,12 +126,7 @@ def run(bench: Bench, name: str, tag: str, flags: list[str], checks: dict, resco
         return measure(bench, name, out, rep_path, checks, row)
     cmd, env = compress_command(model, data, entry, flags, out, rep_path)
     print(f"[{dt.datetime.now():%H:%M:%S}] {name} ({tag}): compress {' '.join(flags)}", flush=True)
-    t = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=bench.workdir)
-    row["compress_wall_s"] = time.perf_counter() - t
-    row["checks"]["compress"] = proc.returncode == 0
-    if proc.returncode != 0:
-        row["errors"].append(f"compress exit {proc.returncode}: {_first_line(proc.stderr or proc.stdout)}")
+    if not run_compress(cmd, env, bench.workdir, row):
         return row
     return measure(bench, name, out, rep_path, checks, row)
 

@@ -117,6 +117,17 @@ def compress_command(model: Path, data: Path, entry: dict, flags: list[str], out
     return cmd, env
 
 
+def run_compress(cmd: list[str], env: dict, cwd: Path, row: dict) -> bool:
+    """Run a compress command; record its wall time, its exit as ``checks.compress`` and any error in ``row``."""
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=cwd)
+    row["compress_wall_s"] = time.perf_counter() - t
+    row["checks"]["compress"] = proc.returncode == 0
+    if proc.returncode != 0:
+        row["errors"].append(f"compress exit {proc.returncode}: {_first_line(proc.stderr or proc.stdout)}")
+    return proc.returncode == 0
+
+
 class Bench:
     def __init__(self, realdata: Path, workdir: Path):
         self.realdata = realdata
@@ -152,12 +163,7 @@ class Bench:
         row: dict = {"model": name, "run": tag, "flags": " ".join(flags), "dataset": entry["dataset"],
                      "reference_top1": entry["reference_top1"], "checks": {}, "errors": []}
         print(f"[{dt.datetime.now():%H:%M:%S}] {name} ({tag}): compress ...", flush=True)
-        t = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=self.workdir)
-        row["compress_wall_s"] = time.perf_counter() - t
-        row["checks"]["compress"] = proc.returncode == 0
-        if proc.returncode != 0:
-            row["errors"].append(f"compress exit {proc.returncode}: {_first_line(proc.stderr or proc.stdout)}")
+        if not run_compress(cmd, env, self.workdir, row):
             return row
         rep = json.loads(rep_path.read_text())
         row.update(
